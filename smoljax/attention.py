@@ -1,0 +1,81 @@
+"""Attention: one dispatch function over interchangeable implementations.
+
+Masks are described by structure, not by a dense matrix, so fused kernels can use them:
+
+- `segment ids` [B, T] int: tokens attend only within the same segment; segment 0 marks padding (or an empty cache
+  slot) and is never attended to. Packed sequences use 1, 2, 3, ...; a plain batch uses 1 for real tokens.
+- `positions` [B, T] int: with `causal=True`, a query at position p sees keys at positions <= p.
+
+Query heads are grouped over key/value heads (GQA) by reshaping the queries, so K and V are never repeated.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Implementation = Literal["auto", "xla", "cudnn"]
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_positions: jax.Array,
+                   kv_positions: jax.Array, causal: bool) -> jax.Array:
+    """Boolean mask [B, Tq, Tk]: True where a query may attend to a key."""
+    same_segment = q_segments[:, :, None] == kv_segments[:, None, :]
+    allowed = same_segment & (kv_segments[:, None, :] != 0)
+    if causal:
+        allowed &= kv_positions[:, None, :] <= q_positions[:, :, None]
+    return allowed
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reference attention in plain XLA ops.
+
+    q: [B, Tq, q_heads, D], k/v: [B, Tk, kv_heads, D], mask: [B, Tq, Tk] bool -> [B, Tq, q_heads, D].
+    Scores and softmax run in f32; a query with no visible key (padding) returns zeros rather than NaN.
+    """
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    grouped_q = q.reshape(batch, q_len, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", grouped_q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim ** -0.5)
+    visible = mask[:, None, None, :, :]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(visible, probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """cuDNN fused attention through `jax.nn.dot_product_attention` (GPU only; handles GQA natively)."""
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation="cudnn")
+    # cuDNN leaves fully masked rows undefined; padding queries must read as zeros like the reference.
+    any_visible = jnp.any(mask, axis=-1)[:, :, None, None]
+    return jnp.where(any_visible, out, jnp.zeros_like(out))
+
+
+def resolve_implementation(implementation: Implementation) -> str:
+    """Turns 'auto' into the implementation to use on the default backend."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        return "xla"
+    return implementation
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array, kv_segments: jax.Array,
+              q_positions: jax.Array, kv_positions: jax.Array, causal: bool = True,
+              implementation: Implementation = "auto") -> jax.Array:
+    """Dot-product attention with segment and causal masking.
+
+    q: [B, Tq, q_heads, D]; k, v: [B, Tk, kv_heads, D]; segments/positions: [B, Tq] and [B, Tk].
+    Returns [B, Tq, q_heads, D].
+    """
+    mask = attention_mask(q_segments, kv_segments, q_positions, kv_positions, causal)
+    impl = resolve_implementation(implementation)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, mask)
+    return xla_attention(q, k, v, mask)

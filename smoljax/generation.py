@@ -1,0 +1,227 @@
+"""Generation: prefill plus a decode loop that runs entirely inside one `jax.jit` (`lax.while_loop`).
+
+Prompts are left-padded to a bucketed length, so new prompt lengths reuse compiled programs. The loop stops as soon
+as every row has produced a stop token. Streaming sends each step's tokens to the host with an ordered
+`io_callback`, from inside the same compiled loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from smoljax.attention import Implementation
+from smoljax.cache import KVCache, init_cache
+from smoljax.config import LlamaConfig
+from smoljax.errors import InputError
+from smoljax.models import smollm2
+from smoljax.sampling import Sampler
+
+TokenSampler = Callable[[jax.Array, jax.Array], jax.Array]
+MIN_BUCKET = 16
+
+
+def bucket_length(length: int, minimum: int = MIN_BUCKET) -> int:
+    """The next power of two >= length (at least `minimum`): lengths that share a bucket share a compilation."""
+    return max(minimum, 1 << max(0, length - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """New tokens per row (each ends at its first stop token, included) and decoding speed."""
+
+    tokens: list[list[int]]
+    prompt_tokens: list[list[int]]
+    seconds: float = 0.0
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(row) for row in self.tokens)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads prompts to `length`. Returns tokens and segment ids [B, length] (segment 0 = padding)."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    segments = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[row, length - len(prompt):] = prompt
+            segments[row, length - len(prompt):] = 1
+    return tokens, segments
+
+
+def prepare_prompts(prompts: Sequence[Sequence[int]], config: LlamaConfig, max_new_tokens: int,
+                    truncate: str | None = None) -> list[list[int]]:
+    """Validates prompts against the vocabulary and the context length, truncating on the left if asked to."""
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if max_new_tokens >= config.max_position_embeddings:
+        raise InputError(f"max_new_tokens ({max_new_tokens}) must be below the context length "
+                         f"({config.max_position_embeddings})")
+    if not prompts:
+        raise InputError("no prompts given: pass at least one prompt")
+    budget = config.max_position_embeddings - max_new_tokens
+    prepared = []
+    for prompt in prompts:
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise InputError("a prompt is empty: give at least one token (e.g. the BOS token)")
+        smollm2.check_token_ids(prompt, config.vocab_size)
+        if len(prompt) > budget:
+            if truncate != "left":
+                raise InputError(
+                    f"prompt of {len(prompt)} tokens plus max_new_tokens={max_new_tokens} exceeds the context "
+                    f"length {config.max_position_embeddings}: shorten the prompt, lower max_new_tokens, or "
+                    "truncate the prompt on the left (truncate='left', --truncate left)")
+            prompt = prompt[-budget:]
+        prepared.append(prompt)
+    return prepared
+
+
+def prefill(params: dict, tokens: jax.Array, segments: jax.Array, cache: KVCache, config: LlamaConfig,
+            attn_impl: Implementation = "auto") -> tuple[jax.Array, KVCache]:
+    """Writes left-padded prompts [B, P] into the cache. Returns last-token logits [B, V] (f32) and the cache."""
+    positions = smollm2.segment_positions(segments)
+    hidden, cache = smollm2.decoder_stack(params, smollm2.embed(params, tokens), config, positions=positions,
+                                          segments=segments, cache=cache, attn_impl=attn_impl)
+    return smollm2.lm_logits(params, hidden[:, -1:], config)[:, 0], cache
+
+
+def decode_step(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache, config: LlamaConfig,
+                attn_impl: Implementation = "auto") -> tuple[jax.Array, KVCache]:
+    """Appends one token per row. tokens, positions: [B] -> next-token logits [B, V] (f32) and the cache."""
+    logits, cache = smollm2.forward_with_cache(
+        params, tokens[:, None], cache, config, positions=positions[:, None],
+        segment_ids=jnp.ones_like(tokens)[:, None], attn_impl=attn_impl)
+    return logits[:, 0], cache
+
+
+# Jitted entry points for hand-written loops: the cache buffer is donated, so each step updates it in place.
+prefill_jit = jax.jit(prefill, static_argnames=("config", "attn_impl"), donate_argnames=("cache",))
+decode_step_jit = jax.jit(decode_step, static_argnames=("config", "attn_impl"), donate_argnames=("cache",))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_ids", "out_length", "cache_length",
+                                             "attn_impl", "stream"))
+def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: jax.Array,
+                   max_new_tokens: jax.Array, *, config: LlamaConfig, sampler: TokenSampler,
+                   stop_ids: tuple[int, ...], out_length: int, cache_length: int, attn_impl: Implementation,
+                   stream: bool) -> tuple[jax.Array, jax.Array]:
+    """Prefill and decode inside one program. Returns new tokens [B, out_length] and counts [B]."""
+    batch = tokens.shape[0]
+    cache = init_cache(config, batch, cache_length, params["embed"].dtype)
+    logits, cache = prefill(params, tokens, segments, cache, config, attn_impl)
+    next_positions = jnp.sum(segments != 0, axis=1).astype(jnp.int32)
+    stop_array = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    pad_id = stop_ids[0] if stop_ids else 0
+
+    def cond(state):
+        step, _, _, _, done, _, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, logits, positions, done, out, counts, key = state
+        key, step_key = jax.random.split(key)
+        token = sampler(logits, step_key)
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(token)
+        counts = counts + (~done).astype(jnp.int32)
+        if stream:
+            io_callback(_STREAM_SINK.emit, None, token, done, ordered=True)
+        done = done | jnp.isin(token, stop_array)
+        logits, cache = decode_step(params, token, positions, cache, config, attn_impl)
+        return step + 1, cache, logits, positions + 1, done, out, counts, key
+
+    state = (jnp.zeros((), jnp.int32), cache, logits, next_positions, jnp.zeros((batch,), bool),
+             jnp.full((batch, out_length), pad_id, jnp.int32), jnp.zeros((batch,), jnp.int32), key)
+    state = jax.lax.while_loop(cond, body, state)
+    return state[5], state[6]
+
+
+class _StreamSink:
+    """Hands tokens from the compiled loop to the current listener. Streaming generations run one at a time (under
+    `_STREAM_LOCK`), because the compiled program is shared and cannot tell callers apart."""
+
+    listener: Callable[[np.ndarray, np.ndarray], None] | None = None
+
+    def emit(self, token: np.ndarray, done: np.ndarray) -> None:
+        if self.listener is not None:
+            self.listener(np.asarray(token), np.asarray(done))
+
+
+_STREAM_SINK = _StreamSink()
+_STREAM_LOCK = threading.Lock()
+
+
+def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+             sampler: TokenSampler = Sampler(), seed: int | jax.Array = 0,
+             stop_tokens: Sequence[int] | None = None, truncate: str | None = None,
+             attn_impl: Implementation = "auto",
+             on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> GenerationResult:
+    """Generates up to `max_new_tokens` tokens for each prompt (lists of token ids; lengths may differ).
+
+    `sampler` is any `(logits [B, V], key) -> tokens [B]` callable; `Sampler(temperature=..., top_k=..., ...)` gives
+    the usual ones. `seed` is an int or a PRNG key: the same seed gives the same tokens. Rows stop at their first stop
+    token (default: the config's EOS ids). `on_token(tokens [B], finished [B])` receives each step's tokens as they
+    are produced. `truncate='left'` drops the oldest prompt tokens when a prompt would not fit the context.
+    """
+    import time
+
+    prompts = prepare_prompts(prompts, config, max_new_tokens, truncate)
+    stop_ids = tuple(sorted(set(config.eos_token_ids if stop_tokens is None else stop_tokens)))
+    prompt_length = bucket_length(max(len(p) for p in prompts))
+    out_length = bucket_length(max_new_tokens)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    tokens, segments = left_pad(prompts, prompt_length, pad_id)
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    run = functools.partial(
+        _generate_loop, params, jnp.asarray(tokens), jnp.asarray(segments), key,
+        jnp.asarray(max_new_tokens, jnp.int32), config=config, sampler=sampler, stop_ids=stop_ids,
+        out_length=out_length, cache_length=prompt_length + out_length, attn_impl=attn_impl,
+        stream=on_token is not None)
+    start = time.perf_counter()
+    if on_token is None:
+        out, counts = jax.block_until_ready(run())
+    else:
+        with _STREAM_LOCK:
+            _STREAM_SINK.listener = on_token
+            try:
+                out, counts = jax.block_until_ready(run())
+            finally:
+                _STREAM_SINK.listener = None
+    seconds = time.perf_counter() - start
+    out, counts = np.asarray(out), np.asarray(counts)
+    new_tokens = [out[row, :counts[row]].tolist() for row in range(len(prompts))]
+    return GenerationResult(tokens=new_tokens, prompt_tokens=prompts, seconds=seconds)
+
+
+def stream(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], **kwargs: Any,
+           ) -> Iterator[list[int | None]]:
+    """Like `generate`, but yields each step's tokens as they are produced: one entry per row, None once a row
+    has finished. The generation runs on a background thread; the iterator ends when it does."""
+    steps: queue.Queue = queue.Queue()
+    finished = object()
+
+    def on_token(tokens: np.ndarray, done: np.ndarray) -> None:
+        steps.put([None if d else int(t) for t, d in zip(tokens, done)])
+
+    def run() -> None:
+        try:
+            generate(params, config, prompts, on_token=on_token, **kwargs)
+            steps.put(finished)
+        except BaseException as err:  # handed to the consuming thread
+            steps.put(err)
+
+    threading.Thread(target=run, daemon=True).start()
+    while (item := steps.get()) is not finished:
+        if isinstance(item, BaseException):
+            raise item
+        yield item

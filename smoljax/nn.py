@@ -1,0 +1,60 @@
+"""Small pure building blocks shared by the text and vision models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, accumulated in f32 and cast back before the weight, as HF's LlamaRMSNorm does.
+
+    x: [..., hidden], weight: [hidden] -> [..., hidden] in x.dtype.
+    """
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
+    return weight.astype(x.dtype) * normed
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis with f32 statistics. x: [..., width] -> [..., width] in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(variance + eps)
+    return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] in f32, as HF computes them."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim
+    return 1.0 / (theta ** exponents)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, head_dim] for HF's half-split RoPE, computed in f32 and cast to `dtype`.
+
+    positions: [B, T] int.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(head_dim, theta)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x: [B, T, heads, head_dim] by cos/sin: [B, T, head_dim] (half-split: pairs are (i, i + D/2))."""
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated_half = jnp.concatenate([-second, first], axis=-1)
+    return x * cos[:, :, None, :] + rotated_half * sin[:, :, None, :]
+
+
+def swiglu(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array) -> jax.Array:
+    """SwiGLU MLP: down(silu(x @ gate) * (x @ up)). x: [..., hidden], gate/up: [hidden, mlp], down: [mlp, hidden]."""
+    gate = x @ gate_w
+    up = x @ up_w
+    return (jax.nn.silu(gate) * up) @ down_w
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
