@@ -40,7 +40,12 @@ class GenerationResult:
 
     tokens: list[list[int]]
     prompt_tokens: list[list[int]]
-    seconds: float = 0.0
+    seconds: float = 0.0          # prefill + decode, compilation excluded
+    compile_seconds: float = 0.0  # tracing + compilation (near zero when the program was cached)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_new_tokens / self.seconds if self.seconds else 0.0
 
     @property
     def num_new_tokens(self) -> int:
@@ -96,25 +101,26 @@ def prefill(params: dict, tokens: jax.Array, segments: jax.Array, cache: KVCache
 
 
 def decode_step(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache, config: LlamaConfig,
-                attn_impl: Implementation = "auto") -> tuple[jax.Array, KVCache]:
+                attn_impl: Implementation = "auto", unroll_layers: bool = False) -> tuple[jax.Array, KVCache]:
     """Appends one token per row. tokens, positions: [B] -> next-token logits [B, V] (f32) and the cache."""
     logits, cache = smollm2.forward_with_cache(
         params, tokens[:, None], cache, config, positions=positions[:, None],
-        segment_ids=jnp.ones_like(tokens)[:, None], attn_impl=attn_impl)
+        segment_ids=jnp.ones_like(tokens)[:, None], attn_impl=attn_impl, unroll=unroll_layers)
     return logits[:, 0], cache
 
 
 # Jitted entry points for hand-written loops: the cache buffer is donated, so each step updates it in place.
 prefill_jit = jax.jit(prefill, static_argnames=("config", "attn_impl"), donate_argnames=("cache",))
-decode_step_jit = jax.jit(decode_step, static_argnames=("config", "attn_impl"), donate_argnames=("cache",))
+decode_step_jit = jax.jit(decode_step, static_argnames=("config", "attn_impl", "unroll_layers"),
+                          donate_argnames=("cache",))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_ids", "out_length", "cache_length",
-                                             "attn_impl", "stream"))
+                                             "attn_impl", "unroll_layers", "stream"))
 def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: jax.Array,
                    max_new_tokens: jax.Array, *, config: LlamaConfig, sampler: TokenSampler,
                    stop_ids: tuple[int, ...], out_length: int, cache_length: int, attn_impl: Implementation,
-                   stream: bool) -> tuple[jax.Array, jax.Array]:
+                   unroll_layers: bool, stream: bool) -> tuple[jax.Array, jax.Array]:
     """Prefill and decode inside one program. Returns new tokens [B, out_length] and counts [B]."""
     batch = tokens.shape[0]
     cache = init_cache(config, batch, cache_length, params["embed"].dtype)
@@ -137,7 +143,7 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
         if stream:
             io_callback(_STREAM_SINK.emit, None, token, done, ordered=True)
         done = done | jnp.isin(token, stop_array)
-        logits, cache = decode_step(params, token, positions, cache, config, attn_impl)
+        logits, cache = decode_step(params, token, positions, cache, config, attn_impl, unroll_layers)
         return step + 1, cache, logits, positions + 1, done, out, counts, key
 
     state = (jnp.zeros((), jnp.int32), cache, logits, next_positions, jnp.zeros((batch,), bool),
@@ -164,7 +170,7 @@ _STREAM_LOCK = threading.Lock()
 def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
              sampler: TokenSampler = Sampler(), seed: int | jax.Array = 0,
              stop_tokens: Sequence[int] | None = None, truncate: str | None = None,
-             attn_impl: Implementation = "auto",
+             attn_impl: Implementation = "auto", unroll_layers: bool = False,
              on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` tokens for each prompt (lists of token ids; lengths may differ).
 
@@ -172,6 +178,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     the usual ones. `seed` is an int or a PRNG key: the same seed gives the same tokens. Rows stop at their first stop
     token (default: the config's EOS ids). `on_token(tokens [B], finished [B])` receives each step's tokens as they
     are produced. `truncate='left'` drops the oldest prompt tokens when a prompt would not fit the context.
+    `unroll_layers` unrolls the layer loop inside each decode step (longer compile, fewer loop overheads).
     """
     import time
 
@@ -182,25 +189,29 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     tokens, segments = left_pad(prompts, prompt_length, pad_id)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
-    run = functools.partial(
-        _generate_loop, params, jnp.asarray(tokens), jnp.asarray(segments), key,
-        jnp.asarray(max_new_tokens, jnp.int32), config=config, sampler=sampler, stop_ids=stop_ids,
-        out_length=out_length, cache_length=prompt_length + out_length, attn_impl=attn_impl,
-        stream=on_token is not None)
+    compile_start = time.perf_counter()
+    # Lowering and compiling ahead of the call keeps compilation out of the measured decoding time; both are
+    # cached, so a second call with the same shapes and settings compiles nothing.
+    args = (params, jnp.asarray(tokens), jnp.asarray(segments), key, jnp.asarray(max_new_tokens, jnp.int32))
+    compiled = _generate_loop.lower(
+        *args, config=config, sampler=sampler, stop_ids=stop_ids, out_length=out_length,
+        cache_length=prompt_length + out_length, attn_impl=attn_impl, unroll_layers=unroll_layers,
+        stream=on_token is not None).compile()
     start = time.perf_counter()
     if on_token is None:
-        out, counts = jax.block_until_ready(run())
+        out, counts = jax.block_until_ready(compiled(*args))
     else:
         with _STREAM_LOCK:
             _STREAM_SINK.listener = on_token
             try:
-                out, counts = jax.block_until_ready(run())
+                out, counts = jax.block_until_ready(compiled(*args))
             finally:
                 _STREAM_SINK.listener = None
     seconds = time.perf_counter() - start
     out, counts = np.asarray(out), np.asarray(counts)
     new_tokens = [out[row, :counts[row]].tolist() for row in range(len(prompts))]
-    return GenerationResult(tokens=new_tokens, prompt_tokens=prompts, seconds=seconds)
+    return GenerationResult(tokens=new_tokens, prompt_tokens=prompts, seconds=seconds,
+                            compile_seconds=start - compile_start)
 
 
 def stream(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], **kwargs: Any,

@@ -355,30 +355,6 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return f"model.layers.{int(match[1])}.{_LAYER_NAMES[match[2]]}.weight"
 
 
-def _expected_hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """HF name -> [out, in] shape of every weight of a LlamaForCausalLM with this config (lm_head only untied)."""
-    hidden, mlp = config["hidden_size"], config["intermediate_size"]
-    q_rows = config["num_attention_heads"] * config["head_dim"]
-    kv_rows = config["num_key_value_heads"] * config["head_dim"]
-    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden), "model.norm.weight": (hidden,)}
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
-    layer_shapes = {
-        "self_attn.q_proj.weight": (q_rows, hidden),
-        "self_attn.k_proj.weight": (kv_rows, hidden),
-        "self_attn.v_proj.weight": (kv_rows, hidden),
-        "self_attn.o_proj.weight": (hidden, q_rows),
-        "mlp.gate_proj.weight": (mlp, hidden),
-        "mlp.up_proj.weight": (mlp, hidden),
-        "mlp.down_proj.weight": (hidden, mlp),
-        "input_layernorm.weight": (hidden,),
-        "post_attention_layernorm.weight": (hidden,),
-    }
-    for layer in range(config["num_hidden_layers"]):
-        shapes.update({f"model.layers.{layer}.{name}": shape for name, shape in layer_shapes.items()})
-    return shapes
-
-
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo convert_hf_to_gguf's q/k row permutation: [out, in] -> [out, in].
 
@@ -400,18 +376,28 @@ def _check_dequantizable(path: Path, tensor: Any) -> None:
 
 
 def read_gguf_tensors(path: str | os.PathLike[str], dtype: npt.DTypeLike = np.float32) -> dict[str, np.ndarray]:
-    """Every tensor of a LLaMA GGUF file, dequantized, under its HF name and in HF layout.
+    """Every tensor of a LLaMA GGUF file, dequantized, under its HF name and in HF layout (see `read_gguf`)."""
+    return read_gguf(path, dtype)[1]
 
-    Shapes: model.embed_tokens.weight / lm_head.weight [vocab, hidden]; projections [out, in] (q_proj
+
+def read_gguf(path: str | os.PathLike[str], dtype: npt.DTypeLike = np.float32,
+              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Metadata (as `read_gguf_metadata`) and every tensor, parsing the file once.
+
+    Tensor shapes: model.embed_tokens.weight / lm_head.weight [vocab, hidden]; projections [out, in] (q_proj
     [heads * head_dim, hidden], k_proj/v_proj [kv_heads * head_dim, hidden], down_proj [hidden, intermediate]);
     norms [hidden]. q_proj/k_proj rows are in HF's half-split RoPE order. lm_head is absent when tied.
     """
+    from smoljax.checkpoints.hf_layout import expected_hf_shapes
+    from smoljax.config import LlamaConfig
+
     path, reader = _open_gguf(path)
+    metadata = _metadata(path, reader)
     try:
-        config = gguf_to_hf_config(_metadata(path, reader))
+        config = gguf_to_hf_config(metadata)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    expected_shapes = _expected_hf_shapes(config)
+    expected_shapes = expected_hf_shapes(LlamaConfig.from_hf_dict(config))
     tensors: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
@@ -435,4 +421,4 @@ def read_gguf_tensors(path: str | os.PathLike[str], dtype: npt.DTypeLike = np.fl
     missing = sorted(set(expected_shapes) - set(tensors))
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} tensors (first: {missing[0]}); re-download or re-export it")
-    return tensors
+    return metadata, tensors

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from smoljax.config import LlamaConfig
@@ -79,7 +78,7 @@ def _layer_param_to_hf(name: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def hf_to_params(tensors: Mapping[str, np.ndarray], config: LlamaConfig, dtype: Any = jnp.float32,
+def hf_to_params(tensors: Mapping[str, np.ndarray], config: LlamaConfig, dtype: Any = np.float32,
                  prefix: str = "model.", head: str = "lm_head.weight", source: str = "checkpoint",
                  ) -> dict[str, Any]:
     """Builds the parameter pytree from HF-named numpy tensors, checking names and shapes first.
@@ -87,6 +86,8 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: LlamaConfig, dtype: 
     A checkpoint that carries `lm_head.weight` for a tied config keeps it only if it differs from the embedding;
     one without it for an untied config is an error.
     """
+    import jax.numpy as jnp
+
     tensors = dict(tensors)
     if config.tie_word_embeddings and head in tensors:
         del tensors[head]  # tied: transformers may save the shared matrix twice
@@ -94,7 +95,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: LlamaConfig, dtype: 
     check_tensor_names({k: tuple(v.shape) for k, v in tensors.items()}, expected_hf_shapes(config, prefix, head),
                        source)
 
-    def as_array(x: np.ndarray) -> jnp.ndarray:
+    def as_array(x: np.ndarray):
         return jnp.asarray(np.asarray(x), dtype=dtype)
 
     layers = {}

@@ -66,13 +66,13 @@ def _load_hf_dir(path: Path, dtype: Any) -> LoadedModel:
 
 
 def _load_gguf(path: Path, dtype: Any) -> LoadedModel:
-    from smoljax.checkpoints.gguf import gguf_to_hf_config, read_gguf_metadata, read_gguf_tensors
+    from smoljax.checkpoints.gguf import gguf_to_hf_config, read_gguf
     from smoljax.checkpoints.hf_layout import hf_to_params
     from smoljax.tokenizer import Tokenizer
 
-    metadata = read_gguf_metadata(path)
+    metadata, tensors = read_gguf(path)
     config = LlamaConfig.from_hf_dict(gguf_to_hf_config(metadata))
-    params = hf_to_params(read_gguf_tensors(path), config, dtype, source=str(path))
+    params = hf_to_params(tensors, config, dtype, source=str(path))
     return LoadedModel(config, params, Tokenizer.from_gguf_metadata(metadata), path)
 
 

@@ -79,12 +79,13 @@ def _output_projection(layer: Params, attn_out: jax.Array) -> jax.Array:
 
 def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, positions: jax.Array,
                   segments: jax.Array, cache: KVCache | None = None, attn_impl: Implementation = "auto",
-                  remat: str = "none") -> tuple[jax.Array, KVCache | None]:
+                  remat: str = "none", unroll: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Runs all decoder layers with `lax.scan`.
 
     x: [B, T, hidden] input embeddings; positions, segments: [B, T] (segment 0 = padding).
     Without a cache the T tokens attend to each other. With a cache they are written at slot `cache.end` and attend
     to everything the cache holds; the returned cache has `end` advanced by T.
+    `unroll` unrolls the layer scan (one straight-line program; helps small decode steps on accelerators).
     Returns (hidden states [B, T, hidden] before the final norm, updated cache or None).
     """
     cos, sin = nn.rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
@@ -114,7 +115,8 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
     layer_indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
     k_all = cache.k if cache is not None else None
     v_all = cache.v if cache is not None else None
-    (x, k_all, v_all), _ = jax.lax.scan(layer_step, (x, k_all, v_all), (params["layers"], layer_indices))
+    (x, k_all, v_all), _ = jax.lax.scan(layer_step, (x, k_all, v_all), (params["layers"], layer_indices),
+                                           unroll=unroll)
     if cache is not None:
         cache = cache._replace(k=k_all, v=v_all, end=cache.end + x.shape[1])
     return x, cache
@@ -150,11 +152,11 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 def forward_with_cache(params: Params, tokens: jax.Array, cache: KVCache, config: LlamaConfig, *,
                        positions: jax.Array, segment_ids: jax.Array,
-                       attn_impl: Implementation = "auto") -> tuple[jax.Array, KVCache]:
+                       attn_impl: Implementation = "auto", unroll: bool = False) -> tuple[jax.Array, KVCache]:
     """Runs T new tokens [B, T] against the cache: prefill (T = prompt) or one decode step (T = 1).
 
     Returns f32 logits [B, T, vocab] and the cache with the new tokens appended.
     """
     hidden, cache = decoder_stack(params, embed(params, tokens), config, positions=positions,
-                                  segments=segment_ids, cache=cache, attn_impl=attn_impl)
+                                  segments=segment_ids, cache=cache, attn_impl=attn_impl, unroll=unroll)
     return lm_logits(params, hidden, config), cache
