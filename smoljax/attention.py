@@ -77,5 +77,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array
     mask = attention_mask(q_segments, kv_segments, q_positions, kv_positions, causal)
     impl = resolve_implementation(implementation)
     if impl == "cudnn":
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"cudnn attention needs bfloat16 or float16 inputs, got {q.dtype}; use 'xla' for f32")
         return cudnn_attention(q, k, v, mask)
     return xla_attention(q, k, v, mask)
