@@ -27,10 +27,12 @@ def sequence_logprobs(params: dict, tokens: jax.Array, segment_ids: jax.Array, c
 def token_logprobs(params: dict, config: LlamaConfig, tokens: Sequence[int]) -> np.ndarray:
     """Log-probabilities [len(tokens) - 1] of tokens[1:], each given the tokens before it.
 
-    The sequence is right-padded to a bucketed length so texts of similar length share one compilation.
+    The sequence is right-padded to a bucketed length so texts of similar length share one compilation: powers of
+    two up to 512, then multiples of 512, which bounds the padding waste for long texts.
     """
     smollm2.check_token_ids(tokens, config.vocab_size)
-    length = min(bucket_length(len(tokens)), max(len(tokens), config.max_position_embeddings))
+    length = bucket_length(len(tokens)) if len(tokens) <= 512 else -(-len(tokens) // 512) * 512
+    length = min(length, max(len(tokens), config.max_position_embeddings))
     padded = np.zeros((1, length), np.int32)
     segments = np.zeros((1, length), np.int32)
     padded[0, :len(tokens)] = tokens
