@@ -170,7 +170,7 @@ _STREAM_LOCK = threading.Lock()
 def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
              sampler: TokenSampler = Sampler(), seed: int | jax.Array = 0,
              stop_tokens: Sequence[int] | None = None, truncate: str | None = None,
-             attn_impl: Implementation = "auto", unroll_layers: bool = False,
+             attn_impl: Implementation = "auto", unroll_layers: bool | None = None,
              on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` tokens for each prompt (lists of token ids; lengths may differ).
 
@@ -178,11 +178,14 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     the usual ones. `seed` is an int or a PRNG key: the same seed gives the same tokens. Rows stop at their first stop
     token (default: the config's EOS ids). `on_token(tokens [B], finished [B])` receives each step's tokens as they
     are produced. `truncate='left'` drops the oldest prompt tokens when a prompt would not fit the context.
-    `unroll_layers` unrolls the layer loop inside each decode step (longer compile, fewer loop overheads).
+    `unroll_layers` unrolls the layer loop inside each decode step: a longer compile for less per-step overhead;
+    the default (None) unrolls on accelerators, where a decode step is bound by kernel launches, and not on CPU.
     """
     import time
 
     prompts = prepare_prompts(prompts, config, max_new_tokens, truncate)
+    if unroll_layers is None:
+        unroll_layers = jax.default_backend() != "cpu"
     stop_ids = tuple(sorted(set(config.eos_token_ids if stop_tokens is None else stop_tokens)))
     prompt_length = bucket_length(max(len(p) for p in prompts))
     out_length = bucket_length(max_new_tokens)
