@@ -9,10 +9,11 @@ Both frameworks run SmolLM2-135M with the very same weights: random ones initial
 checkpoint (`--model PATH|default`), written once to a temporary HF-layout directory that both sides load. Stop tokens
 are disabled on both sides, so every generate call produces exactly `--new-tokens` tokens per row.
 
-Every (framework, phase) runs in its own child process, so imports, compilation caches and allocator state never
-leak from one measurement into another, and peak memory can be attributed to one phase: peak RSS on CPU
-(/proc/self/status VmHWM, reset after the weights are loaded), allocator peaks on GPU (JAX `peak_bytes_in_use`,
-`torch.cuda.max_memory_allocated`).
+Every (framework, workload) runs in its own child process, so imports, compilation caches and allocator state never
+leak from one measurement into another, and peak memory belongs to one workload: on CPU the peak RSS during the timed
+calls (/proc/self/status VmHWM, reset after loading and after the compiling calls); on GPU
+`torch.cuda.max_memory_allocated` and, for smoljax, JAX's `peak_bytes_in_use` in a second process that loads its
+programs from the persistent compilation cache (compile-time autotuning buffers would otherwise double the peak).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -124,7 +126,7 @@ def _child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
     from safetensors.numpy import save_file
 
     import smoljax
-    from smoljax.config import LlamaConfig, preset
+    from smoljax.config import preset
 
     workdir, model = spec["workdir"], spec["model"]
     if model is None:
@@ -142,7 +144,6 @@ def _child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
         tensors.pop("lm_head.weight", None)
     save_file(tensors, os.path.join(workdir, "model.safetensors"))
     config.to_json_file(os.path.join(workdir, "config.json"))
-    assert isinstance(config, LlamaConfig)
     return {"source": source, "num_params": int(sum(v.size for v in tensors.values())),
             "smoljax": getattr(smoljax, "__version__", "?"), "hidden_size": config.hidden_size,
             "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size}
@@ -661,18 +662,19 @@ def _rows(tasks: list[dict[str, Any]], results: dict[str, dict[str, Any]], memor
             add(f"{label}: new tok/s, whole call", "e2e_tok_s", tid)
             add(f"{label}: decode-only tok/s (derived)", "decode_tok_s", tid)
             add(f"{label}: prefill-only time", "prefill_only_s", tid, "ms", False)
-            add(f"{label}: first call (compile)", "first_call_s", tid, "s", False)
+            add(f"{label}: first call (incl. compile)", "first_call_s", tid, "s", False)
             add(f"{label}: {memory_label}", "peak_bytes", tid, "GiB", False)
         else:
             label = f"prefill {task['batch']}×{task['seq_len']}"
             add(f"{label}: tok/s", "prefill_tok_s", tid)
-            add(f"{label}: first call (compile)", "first_call_s", tid, "s", False)
+            add(f"{label}: first call (incl. compile)", "first_call_s", tid, "s", False)
             add(f"{label}: {memory_label}", "peak_bytes", tid, "GiB", False)
     return rows
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -738,8 +740,7 @@ def main(argv: list[str] | None = None) -> int:
               f"median of {repeats} after {warmup} warm-up call(s) beyond the first", file=sys.stderr)
         prepared = _spawn(dict(base, framework="prepare"), "writing weights", args.child_timeout)
         if "error" in prepared:
-            print(prepared["error"], file=sys.stderr)
-            return 1
+            return 1  # _spawn printed the reason
         for task in tasks:
             for framework in frameworks:
                 spec = dict(base, framework=framework, task=task,
@@ -783,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# smoljax vs transformers: generate and prefill ({now:%Y-%m-%d %H:%M} UTC)",
         "",
-        f"- command: `python3 benchmarks/bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- command: `{shlex.join(['python3', 'benchmarks/bench_generate.py', *(argv or sys.argv[1:])])}`",
         f"- machine: {machine}; {platform.platform()}; Python {platform.python_version()}",
         f"- model: {prepared.get('source')}; {prepared.get('num_params', 0):,} parameters; dtype {dtype}; "
         "identical weights on both sides",
@@ -792,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
         + (", unrolled layers in decode" if sj.get("unroll_layers") else ""),
         f"- transformers {hf.get('transformers', '?')}, torch {hf.get('torch', '?')} "
         f"(threads: {hf.get('torch_threads', '?')}), attn_implementation {hf.get('attention', '?')}"
-        + (", static cache + torch.compile" if args.transformers_compile else ", dynamic cache, eager (no torch.compile)"),
+        + (", static cache + torch.compile" if args.transformers_compile
+           else ", dynamic cache, eager (no torch.compile)"),
         f"- timing: median of {repeats} call(s) after the first (compiling) call and {warmup} more warm-up call(s);"
         " greedy; stop tokens disabled on both sides; prompts are random ids",
         f"- machine load: 1-min load average {load_before} before the run ({os.cpu_count()} CPUs); "
@@ -809,10 +811,12 @@ def main(argv: list[str] | None = None) -> int:
         "- **decode-only tok/s (derived)** = batch × (new tokens − 1) ÷ (generate time − prefill-only time). "
         "Prefill-only is smoljax's cache allocation + `prefill` jitted at generate()'s shapes, and transformers' "
         "`generate(max_new_tokens=1)`.",
-        "- **prefill B×L tok/s** = B × L ÷ time of one prompt forward that fills a KV cache and returns last-position "
-        "logits (smoljax: jitted cache allocation + `prefill`; transformers: `model(..., use_cache=True, "
+        "- **prefill B×L tok/s** = B × L ÷ time of one prompt forward that fills a KV cache and returns "
+        "last-position logits (smoljax: jitted cache allocation + `prefill`; transformers: `model(..., use_cache=True, "
         "logits_to_keep=1)` under `torch.no_grad`).",
-        "- **first call** = wall time of the first call in a fresh process (smoljax: tracing + XLA compilation + run).",
+        "- **first call** = wall time of the first call of that workload in a fresh process, run included (smoljax: "
+        "tracing + XLA compilation + run; transformers: lazy initialisation + run"
+        + (", torch.compile included" if args.transformers_compile else "") + ").",
         ("- **memory**: each framework and workload runs in its own process (subprocesses, so one framework's "
          "imports, caches and allocator never count against the other). CPU: the peak RSS (VmHWM) of that process "
          "during the timed calls — weights + runtime + workload; the high-water mark is reset after loading and "

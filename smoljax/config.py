@@ -85,16 +85,25 @@ class LlamaConfig:
         _reject_unsupported(hf)
         heads = _require(hf, "num_attention_heads")
         hidden = _require(hf, "hidden_size")
+        head_dim = hf.get("head_dim")
+        if head_dim is None and _is_positive_int(hidden) and _is_positive_int(heads):
+            head_dim = hidden // heads  # otherwise __post_init__ names the bad size
+        kv_heads = hf.get("num_key_value_heads")
+        # transformers >= 5 writes rope_theta inside rope_parameters; older configs keep it at the top level.
+        rope_parameters = hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta")
+        if rope_theta is None:
+            rope_theta = rope_parameters.get("rope_theta", 10000.0)
         fields = dict(
             vocab_size=_require(hf, "vocab_size"),
             hidden_size=hidden,
             intermediate_size=_require(hf, "intermediate_size"),
             num_hidden_layers=_require(hf, "num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hidden // heads,
+            num_key_value_heads=heads if kv_heads is None else kv_heads,
+            head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(rope_theta),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"),
@@ -160,6 +169,10 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _require(hf: dict[str, Any], key: str) -> Any:
     if key not in hf:
         raise ConfigError(f"config.json lacks {key!r}; it is needed to build the model")
@@ -168,9 +181,11 @@ def _require(hf: dict[str, Any], key: str) -> Any:
 
 def _reject_unsupported(hf: dict[str, Any]) -> None:
     """Fails loudly on options that would change the math in ways this decoder does not implement."""
-    scaling = hf.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ConfigError(f"rope_scaling {scaling!r} is not supported: smoljax implements plain RoPE")
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = hf.get(key)
+        if scaling and (not isinstance(scaling, dict)
+                        or scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+            raise ConfigError(f"{key} {scaling!r} is not supported: smoljax implements plain RoPE")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("attention_bias/mlp_bias are not supported: SmolLM2 checkpoints have no biases")
     act = hf.get("hidden_act", "silu")

@@ -8,6 +8,7 @@ jitted decode loop: the same settings reuse the same compiled program.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -56,10 +57,10 @@ class Sampler:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also rejects NaN
             raise InputError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
         if not 0 <= self.min_p < 1:

@@ -86,9 +86,13 @@ def save_pretrained(directory: str | os.PathLike, config: LlamaConfig, params: d
                     *, dtype: Any = None, max_shard_bytes: int | None = 2 * 1024**3) -> Path:
     """Writes an HF model directory (config.json, safetensors, tokenizer files) that transformers loads.
 
-    `dtype` casts the stored tensors (default: keep the parameters' dtype). Files are written atomically, so an
-    interrupted save never corrupts an existing checkpoint.
+    `dtype` casts the stored tensors (default: keep the parameters' dtype). Every file is written to a temporary
+    file and renamed into place, so an interrupted save never corrupts an existing checkpoint, and saving again into
+    the same directory replaces it.
     """
+    import shutil
+    import tempfile
+
     from smoljax.checkpoints.hf_layout import params_to_hf
     from smoljax.checkpoints.safetensors_io import write_safetensors
 
@@ -100,9 +104,17 @@ def save_pretrained(directory: str | os.PathLike, config: LlamaConfig, params: d
         tensors = {name: value.astype(np_dtype) for name, value in tensors.items()}
     stored_dtype = next(iter(tensors.values())).dtype
     saved_config = config.replace(torch_dtype=str(np.dtype(stored_dtype).name))
-    write_safetensors(directory, tensors, max_shard_bytes=max_shard_bytes)
-    saved_config.to_json_file(directory / "config.json")
-    if tokenizer is not None:
-        tokenizer.save(directory)
+    # Config and tokenizer files are staged first and renamed into place after the weights: a failure before that
+    # leaves every existing file as it was.
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".save."))
+    try:
+        saved_config.to_json_file(staging / "config.json")
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        write_safetensors(directory, tensors, max_shard_bytes=max_shard_bytes)
+        for staged in sorted(staging.iterdir()):
+            os.replace(staged, directory / staged.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
