@@ -38,6 +38,7 @@ _EXPORTS = {
     "init_cache": "smoljax.cache",
     "attention": "smoljax.attention",
     "SmolJaxError": "smoljax.errors",
+    "param_shardings": "smoljax.sharding",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -428,7 +428,8 @@ SHARDING_SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from smoljax.config import LlamaConfig
     from smoljax.models import smollm2
-    from smoljax.params import llama_specs, logical_axes
+    from smoljax.params import llama_specs
+    from smoljax.sharding import param_shardings
 
     assert jax.device_count() == 8, jax.devices()
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -440,13 +441,10 @@ SHARDING_SCRIPT = textwrap.dedent("""
     tokens = jnp.asarray(rng.integers(0, 256, (4, 16)), jnp.int32)
     reference = np.asarray(jax.jit(smollm2.forward, static_argnames="config")(params, tokens, config=config))
 
-    mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "model"))
-    rules = {"vocab": "model", "mlp": "model", "q_heads": "model", "kv_heads": "model", "embed": "data"}
-    def sharding(axes):
-        return NamedSharding(mesh, PartitionSpec(*(rules.get(a) for a in axes)))
-    sharded = jax.device_put(params, jax.tree.map(sharding, logical_axes(specs),
-                                                  is_leaf=lambda x: isinstance(x, tuple)))
-    sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec("data", None)))
+    # FSDP over "fsdp" (the embedding dimension) and tensor parallelism over "tensor" (heads, MLP, vocab).
+    mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("fsdp", "tensor"))
+    sharded = jax.device_put(params, param_shardings(specs, mesh))
+    sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec("fsdp", None)))
     logits = jax.jit(smollm2.forward, static_argnames="config")(sharded, sharded_tokens, config=config)
     q_shard = sharded["layers"]["q_proj"].addressable_shards[0].data.shape
     print(json.dumps({"max_diff": float(np.max(np.abs(np.asarray(logits) - reference))),
@@ -462,5 +460,21 @@ def test_sharded_forward_equals_unsharded(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
-    assert result["q_proj_shard"] == [2, 16, 2, 16]  # [layers, embed / data, q_heads / model, head_dim]
+    assert result["q_proj_shard"] == [2, 16, 2, 16]  # [layers, embed / fsdp, q_heads / tensor, head_dim]
     assert result["max_diff"] <= ATOL
+
+
+def test_sharding_rejects_a_mesh_that_does_not_divide():
+    from smoljax.errors import ConfigError
+    from smoljax.params import llama_specs
+    from smoljax.sharding import partition_spec
+
+    class FakeMesh:  # only `shape` is read, so no devices are needed
+        def __init__(self, tensor: int):
+            self.shape = {"fsdp": 1, "tensor": tensor}
+
+    spec = llama_specs(TINY)["layers"]["q_proj"]  # [layers, embed, 4 q_heads, head_dim]
+    with pytest.raises(ConfigError, match="does not divide"):
+        partition_spec(spec, FakeMesh(3), {"q_heads": "tensor"})
+    with pytest.raises(ConfigError, match="two axes"):
+        partition_spec(spec, FakeMesh(2), {"q_heads": "tensor", "head_dim": "tensor"})
