@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -181,8 +182,6 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     `unroll_layers` unrolls the layer loop inside each decode step: a longer compile for less per-step overhead;
     the default (None) unrolls on accelerators, where a decode step is bound by kernel launches, and not on CPU.
     """
-    import time
-
     prompts = prepare_prompts(prompts, config, max_new_tokens, truncate)
     if unroll_layers is None:
         unroll_layers = jax.default_backend() != "cpu"

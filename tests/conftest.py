@@ -42,5 +42,5 @@ def hf_real_model(real_gguf_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(real_gguf_path.parent), gguf_file=real_gguf_path.name, torch_dtype=torch.float32)
+        str(real_gguf_path.parent), gguf_file=real_gguf_path.name, dtype=torch.float32)
     return model.eval()

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from smoljax import cli
-from smoljax.checkpoints.gguf import read_gguf_metadata
 from smoljax.tokenizer import Tokenizer
 
 JSON_KEYS = {"prompt_tokens", "tokens", "text", "tokens_per_s"}
@@ -35,8 +34,8 @@ def hf_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(real_gguf_path) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(read_gguf_metadata(real_gguf_path))
+def tokenizer(real_model) -> Tokenizer:
+    return real_model.tokenizer
 
 
 def cli_env(hf_home: Path) -> dict[str, str]:

@@ -294,12 +294,8 @@ def real_metadata(real_gguf_path):
 
 
 @pytest.fixture(scope="module")
-def transformers_model(real_gguf_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        real_gguf_path.parent, gguf_file=real_gguf_path.name, dtype=torch.float32
-    )
+def transformers_model(hf_real_model):
+    return hf_real_model  # loaded once per session (conftest): transformers' GGUF load takes most of a minute
 
 
 def test_real_metadata_is_plain_python(real_metadata):
