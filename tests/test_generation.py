@@ -77,10 +77,12 @@ def test_prompt_lengths_in_one_bucket_share_a_compilation(params):
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
-    generation.generate(params, CONFIG, [[5, 6, 7]], max_new_tokens=6, stop_tokens=[])
+    # A batch size no other test uses, so the first call must compile.
+    generation.generate(params, CONFIG, [[5, 6, 7]] * 5, max_new_tokens=6, stop_tokens=[])
     before = len(compiles)
     assert before > 0  # the listener does see compilations
-    generation.generate(params, CONFIG, [[5, 6, 7, 8, 9, 10, 11]], max_new_tokens=5, stop_tokens=[])
+    generation.generate(params, CONFIG, [[5, 6, 7, 8, 9, 10, 11], [8, 9]] * 2 + [[4]], max_new_tokens=5,
+                        stop_tokens=[])
     assert generation.bucket_length(3) == generation.bucket_length(7)
     assert len(compiles) == before
 
