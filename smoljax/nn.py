@@ -1,4 +1,4 @@
-"""Small pure building blocks shared by the text and vision models."""
+"""Small pure building blocks of the decoder."""
 
 from __future__ import annotations
 
@@ -15,15 +15,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
     return weight.astype(x.dtype) * normed
-
-
-def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm over the last axis with f32 statistics. x: [..., width] -> [..., width] in x.dtype."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    normed = (x32 - mean) * jax.lax.rsqrt(variance + eps)
-    return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -55,6 +46,3 @@ def swiglu(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array) 
     up = x @ up_w
     return (jax.nn.silu(gate) * up) @ down_w
 
-
-def gelu_tanh(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=True)

@@ -28,7 +28,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from smoljax.config import LlamaConfig
 
@@ -107,11 +106,6 @@ def abstract_params(specs: Any) -> Any:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), specs, is_leaf=is_spec)
 
 
-def logical_axes(specs: Any) -> Any:
-    """The tree of logical axis-name tuples, for sharding rules."""
-    return jax.tree.map(lambda s: s.axes, specs, is_leaf=is_spec)
-
-
 def count_params(tree: Any) -> int:
     """Total number of scalars in a tree of arrays, specs or shape structs."""
     leaves = jax.tree.leaves(tree, is_leaf=is_spec)
@@ -134,6 +128,3 @@ def cast_params(params: Any, dtype: Any) -> Any:
 def _key_name(key: Any) -> str:
     return str(getattr(key, "key", getattr(key, "name", key)))
 
-
-def tree_shapes(tree: Any) -> Any:
-    return jax.tree.map(lambda x: tuple(np.shape(x)) if not is_spec(x) else x.shape, tree, is_leaf=is_spec)
