@@ -277,7 +277,9 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
         "jax": jax.__version__, "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
         "smoljax": getattr(smoljax, "__version__", "?"), "backend": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)), "attention": attn_impl,
-        "unroll_layers": bool(gen_kwargs.get("unroll_layers")),
+        # generate()'s defaults: both on accelerators, off on CPU.
+        "unroll_layers": bool(gen_kwargs.get("unroll_layers", jax.default_backend() != "cpu")),
+        "fuse_projections": jax.default_backend() != "cpu",
     }
     return result
 
@@ -790,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         "identical weights on both sides",
         f"- smoljax {sj.get('smoljax', '?')}, jax {sj.get('jax', '?')} (jaxlib {sj.get('jaxlib', '?')}, "
         f"backend {sj.get('backend', '?')}), attention {sj.get('attention', '?')}"
-        + (", unrolled layers in decode" if sj.get("unroll_layers") else ""),
+        + (", unrolled layers in decode" if sj.get("unroll_layers") else "")
+        + (", fused [out, in] projections in decode" if sj.get("fuse_projections") else ""),
         f"- transformers {hf.get('transformers', '?')}, torch {hf.get('torch', '?')} "
         f"(threads: {hf.get('torch_threads', '?')}), attn_implementation {hf.get('attention', '?')}"
         + (", static cache + torch.compile" if args.transformers_compile

@@ -16,20 +16,32 @@ from smoljax.config import LlamaConfig
 
 
 class KVCache(NamedTuple):
-    k: jax.Array          # [layers, B, S, kv_heads, head_dim]
-    v: jax.Array          # [layers, B, S, kv_heads, head_dim]
+    # K and V rows: one stacked [layers, B, S, kv_heads, head_dim] array (what `lax.scan` over layers needs), or a
+    # tuple of per-layer [B, S, kv_heads, head_dim] arrays (unrolled decoding: each layer's kernels then read their
+    # own buffer in place, with no slice of a stacked one).
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     positions: jax.Array  # [B, S] int32: token position held in each slot
     segments: jax.Array   # [B, S] int32: 0 for empty or padding slots
     end: jax.Array        # [] int32: next slot to write
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.positions.shape[1]
 
 
-def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> KVCache:
-    """An empty cache for `batch` rows of up to `max_length` tokens."""
+def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16, *,
+               per_layer: bool = False) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_length` tokens; `per_layer` gives the tuple form of K/V."""
     shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+    if per_layer:
+        return KVCache(
+            k=tuple(jnp.zeros(shape[1:], dtype) for _ in range(shape[0])),
+            v=tuple(jnp.zeros(shape[1:], dtype) for _ in range(shape[0])),
+            positions=jnp.zeros((batch, max_length), jnp.int32),
+            segments=jnp.zeros((batch, max_length), jnp.int32),
+            end=jnp.zeros((), jnp.int32),
+        )
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),

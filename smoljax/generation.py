@@ -117,14 +117,16 @@ decode_step_jit = jax.jit(decode_step, static_argnames=("config", "attn_impl", "
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_ids", "out_length", "cache_length",
-                                             "attn_impl", "unroll_layers", "stream"))
+                                             "attn_impl", "unroll_layers", "fuse", "stream"))
 def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: jax.Array,
                    max_new_tokens: jax.Array, *, config: LlamaConfig, sampler: TokenSampler,
                    stop_ids: tuple[int, ...], out_length: int, cache_length: int, attn_impl: Implementation,
-                   unroll_layers: bool, stream: bool) -> tuple[jax.Array, jax.Array]:
+                   unroll_layers: bool, fuse: bool, stream: bool) -> tuple[jax.Array, jax.Array]:
     """Prefill and decode inside one program. Returns new tokens [B, out_length] and counts [B]."""
     batch = tokens.shape[0]
-    cache = init_cache(config, batch, cache_length, params["embed"].dtype)
+    if fuse:
+        params = smollm2.fuse_projections(params)
+    cache = init_cache(config, batch, cache_length, params["embed"].dtype, per_layer=unroll_layers)
     logits, cache = prefill(params, tokens, segments, cache, config, attn_impl)
     next_positions = jnp.sum(segments != 0, axis=1).astype(jnp.int32)
     stop_array = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
@@ -172,6 +174,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
              sampler: TokenSampler = Sampler(), seed: int | jax.Array = 0,
              stop_tokens: Sequence[int] | None = None, truncate: str | None = None,
              attn_impl: Implementation = "auto", unroll_layers: bool | None = None,
+             fuse_projections: bool | None = None,
              on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` tokens for each prompt (lists of token ids; lengths may differ).
 
@@ -181,10 +184,14 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     are produced. `truncate='left'` drops the oldest prompt tokens when a prompt would not fit the context.
     `unroll_layers` unrolls the layer loop inside each decode step: a longer compile for less per-step overhead;
     the default (None) unrolls on accelerators, where a decode step is bound by kernel launches, and not on CPU.
+    `fuse_projections` runs q/k/v and gate/up as one matmul each (`smollm2.fuse_projections`), at the cost of a
+    second copy of those weights while generating; the default (None) fuses on accelerators.
     """
     prompts = prepare_prompts(prompts, config, max_new_tokens, truncate)
     if unroll_layers is None:
         unroll_layers = jax.default_backend() != "cpu"
+    if fuse_projections is None:
+        fuse_projections = jax.default_backend() != "cpu"
     stop_ids = tuple(sorted(set(config.eos_token_ids if stop_tokens is None else stop_tokens)))
     prompt_length = bucket_length(max(len(p) for p in prompts))
     out_length = bucket_length(max_new_tokens)
@@ -198,7 +205,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     compiled = _generate_loop.lower(
         *args, config=config, sampler=sampler, stop_ids=stop_ids, out_length=out_length,
         cache_length=prompt_length + out_length, attn_impl=attn_impl, unroll_layers=unroll_layers,
-        stream=on_token is not None).compile()
+        fuse=fuse_projections, stream=on_token is not None).compile()
     start = time.perf_counter()
     if on_token is None:
         out, counts = jax.block_until_ready(compiled(*args))

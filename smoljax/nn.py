@@ -40,9 +40,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated_half * sin[:, :, None, :]
 
 
-def swiglu(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array) -> jax.Array:
-    """SwiGLU MLP: down(silu(x @ gate) * (x @ up)). x: [..., hidden], gate/up: [hidden, mlp], down: [mlp, hidden]."""
-    gate = x @ gate_w
-    up = x @ up_w
-    return (jax.nn.silu(gate) * up) @ down_w
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """The SwiGLU gate: silu(gate) * up, both [..., mlp] (the MLP is down(swiglu(x @ gate_w, x @ up_w)))."""
+    return jax.nn.silu(gate) * up
 

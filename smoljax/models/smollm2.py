@@ -57,35 +57,72 @@ def lm_logits(params: Params, hidden: jax.Array, config: LlamaConfig) -> jax.Arr
     return jnp.einsum("bth,vh->btv", normed, params["embed"], preferred_element_type=jnp.float32)
 
 
+def fuse_projections(params: Params) -> Params:
+    """The serving layout of the layer weights: q/k/v stacked into one matrix and gate/up into another, and every
+    projection stored [out, in].
+
+    A one-token decode step is bound by the number of kernels, not by bytes. Fusing runs two matmuls where there
+    were five; the [out, in] layout makes each small matmul (which XLA:GPU turns into multiply + reduce) a reduction
+    over the contiguous axis, which fuses into a single kernel. Meant to run inside jit, where the rearrangement
+    happens once per call, ahead of the decode loop.
+
+    layers -> qkv_proj_t [L, (Hq + 2*Hkv) * D, H], o_proj_t [L, H, Hq * D], gate_up_proj_t [L, 2 * M, H],
+    down_proj_t [L, H, M]; norms unchanged.
+    """
+    layers = dict(params["layers"])
+    if "qkv_proj_t" in layers:
+        return params
+    num_layers, hidden = layers["q_proj"].shape[:2]
+    qkv = jnp.concatenate([layers.pop(name) for name in ("q_proj", "k_proj", "v_proj")], axis=2)
+    layers["qkv_proj_t"] = qkv.reshape(num_layers, hidden, -1).transpose(0, 2, 1)
+    layers["o_proj_t"] = layers.pop("o_proj").reshape(num_layers, -1, hidden).transpose(0, 2, 1)
+    gate_up = jnp.concatenate([layers.pop("gate_proj"), layers.pop("up_proj")], axis=2)
+    layers["gate_up_proj_t"] = gate_up.transpose(0, 2, 1)
+    layers["down_proj_t"] = layers.pop("down_proj").transpose(0, 2, 1)
+    return {**params, "layers": layers}
+
+
 def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, config: LlamaConfig):
     """Pre-norm and the q/k/v projections with RoPE. x: [B, T, hidden] -> q [B,T,Hq,D], k, v [B,T,Hkv,D]."""
     normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-    q = jnp.einsum("bth,hnd->btnd", normed, layer["q_proj"])
-    k = jnp.einsum("bth,hnd->btnd", normed, layer["k_proj"])
-    v = jnp.einsum("bth,hnd->btnd", normed, layer["v_proj"])
+    if "qkv_proj_t" in layer:
+        qkv = jnp.einsum("bth,nh->btn", normed, layer["qkv_proj_t"])
+        qkv = qkv.reshape(*qkv.shape[:2], -1, config.head_dim)
+        q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        q, k, v = jnp.split(qkv, [q_heads, q_heads + kv_heads], axis=2)
+    else:
+        q = jnp.einsum("bth,hnd->btnd", normed, layer["q_proj"])
+        k = jnp.einsum("bth,hnd->btnd", normed, layer["k_proj"])
+        v = jnp.einsum("bth,hnd->btnd", normed, layer["v_proj"])
     return nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin), v
 
 
 def _mlp_block(layer: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
     normed = nn.rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-    out = nn.swiglu(normed, layer["gate_proj"], layer["up_proj"], layer["down_proj"])
+    if "gate_up_proj_t" in layer:
+        gate, up = jnp.split(jnp.einsum("bth,mh->btm", normed, layer["gate_up_proj_t"]), 2, axis=-1)
+        out = jnp.einsum("btm,hm->bth", nn.swiglu(gate, up), layer["down_proj_t"])
+    else:
+        out = nn.swiglu(normed @ layer["gate_proj"], normed @ layer["up_proj"]) @ layer["down_proj"]
     return checkpoint_name(out, "mlp_out")
 
 
 def _output_projection(layer: Params, attn_out: jax.Array) -> jax.Array:
     attn_out = checkpoint_name(attn_out, "attn_out")
+    if "o_proj_t" in layer:
+        return jnp.einsum("btn,hn->bth", attn_out.reshape(*attn_out.shape[:2], -1), layer["o_proj_t"])
     return jnp.einsum("btnd,ndh->bth", attn_out, layer["o_proj"])
 
 
 def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, positions: jax.Array,
                   segments: jax.Array, cache: KVCache | None = None, attn_impl: Implementation = "auto",
                   remat: str = "none", unroll: bool = False) -> tuple[jax.Array, KVCache | None]:
-    """Runs all decoder layers with `lax.scan`.
+    """Runs all decoder layers: a `lax.scan` over the stacked layers, or with `unroll` a Python loop.
 
     x: [B, T, hidden] input embeddings; positions, segments: [B, T] (segment 0 = padding).
     Without a cache the T tokens attend to each other. With a cache they are written at slot `cache.end` and attend
     to everything the cache holds; the returned cache has `end` advanced by T.
-    `unroll` unrolls the layer scan (one straight-line program; helps small decode steps on accelerators).
+    `unroll` gives one straight-line program (longer compile; faster small decode steps on accelerators).
     Returns (hidden states [B, T, hidden] before the final norm, updated cache or None).
     """
     cos, sin = nn.rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
@@ -96,30 +133,65 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
         kv_positions, kv_segments = positions, segments
 
     def layer_step(carry, layer_and_index):
-        x, k_all, v_all = carry
+        x, k_cache, v_cache = carry
         layer, index = layer_and_index
         q, k, v = _attention_block(layer, x, cos, sin, config)
-        if k_all is not None:
-            # Write this layer's new rows in place, then attend over the whole cache buffer.
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (index, 0, cache.end, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (index, 0, cache.end, 0, 0))
-            k, v = k_all[index].astype(q.dtype), v_all[index].astype(q.dtype)
+        if k_cache is not None:
+            # Write this layer's new rows in place, then attend over the layer's whole cache buffer.
+            k_cache, k = _append_rows(k_cache, k, index, cache.end)
+            v_cache, v = _append_rows(v_cache, v, index, cache.end)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         attn_out = attention(q, k, v, q_segments=segments, kv_segments=kv_segments, q_positions=positions,
                              kv_positions=kv_positions, causal=True, implementation=attn_impl)
         x = x + _output_projection(layer, attn_out)
         x = x + _mlp_block(layer, x, config)
-        return (x, k_all, v_all), None
+        return (x, k_cache, v_cache), None
 
     if remat != "none":
         layer_step = jax.checkpoint(layer_step, policy=_remat_policy(remat), prevent_cse=False)
-    layer_indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-    k_all = cache.k if cache is not None else None
-    v_all = cache.v if cache is not None else None
-    (x, k_all, v_all), _ = jax.lax.scan(layer_step, (x, k_all, v_all), (params["layers"], layer_indices),
-                                           unroll=unroll)
+    if unroll:
+        # A Python loop: each layer gets static slices of the stacked weights and its own cache buffer.
+        k_layers = _as_layer_tuple(cache.k) if cache is not None else None
+        v_layers = _as_layer_tuple(cache.v) if cache is not None else None
+        new_k, new_v = [], []
+        for index in range(config.num_hidden_layers):
+            layer = jax.tree.map(lambda stacked: stacked[index], params["layers"])
+            layer_kv = (k_layers[index], v_layers[index]) if cache is not None else (None, None)
+            (x, k_layer, v_layer), _ = layer_step((x, *layer_kv), (layer, None))
+            new_k.append(k_layer)
+            new_v.append(v_layer)
+        k_all, v_all = tuple(new_k), tuple(new_v)
+        if cache is not None and not isinstance(cache.k, tuple):
+            k_all, v_all = jnp.stack(k_all), jnp.stack(v_all)
+    else:
+        carry = (x, _as_stacked(cache.k) if cache is not None else None,
+                 _as_stacked(cache.v) if cache is not None else None)
+        layer_indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
+        (x, k_all, v_all), _ = jax.lax.scan(layer_step, carry, (params["layers"], layer_indices))
+        if cache is not None and isinstance(cache.k, tuple):
+            k_all, v_all = _as_layer_tuple(k_all), _as_layer_tuple(v_all)
     if cache is not None:
         cache = cache._replace(k=k_all, v=v_all, end=cache.end + x.shape[1])
     return x, cache
+
+
+def _append_rows(buffer: jax.Array, rows: jax.Array, layer_index: jax.Array | None,
+                 start: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Writes new K or V rows [B, T, Hkv, D] at slot `start` of one layer's buffer [B, S, Hkv, D] (layer_index
+    None) or of the stacked buffer [L, B, S, Hkv, D]. Returns (updated buffer, the layer's rows [B, S, Hkv, D])."""
+    if layer_index is None:
+        buffer = jax.lax.dynamic_update_slice(buffer, rows.astype(buffer.dtype), (0, start, 0, 0))
+        return buffer, buffer
+    buffer = jax.lax.dynamic_update_slice(buffer, rows[None].astype(buffer.dtype), (layer_index, 0, start, 0, 0))
+    return buffer, buffer[layer_index]
+
+
+def _as_layer_tuple(buffer: jax.Array | tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return buffer if isinstance(buffer, tuple) else tuple(buffer)
+
+
+def _as_stacked(buffer: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
+    return jnp.stack(buffer) if isinstance(buffer, tuple) else buffer
 
 
 def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, segment_ids: jax.Array | None = None,
