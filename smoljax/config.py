@@ -1,7 +1,8 @@
 """Model configs: frozen, hashable dataclasses that jitted functions take as static arguments.
 
-`LlamaConfig` describes the SmolLM2 decoder (a LLaMA-style model). It reads and writes HF `config.json` and keeps
-every field that changes the computation or the tokens around it.
+`LlamaConfig` describes the SmolLM2 decoder (a LLaMA-style model). `VisionConfig` describes SmolVLM2's SigLIP
+encoder and `VLMConfig` the whole SmolVLM2 (encoder + pixel-shuffle connector + a SmolLM2 decoder). Each reads and
+writes HF `config.json` and keeps every field that changes the computation or the tokens around it.
 """
 
 from __future__ import annotations
@@ -188,6 +189,159 @@ def _reject_unsupported(hf: dict[str, Any]) -> None:
         raise ConfigError(f"hidden_act {act!r} is not supported: SmolLM2 uses silu")
 
 
+# HF model types of SmolVLM2 (`smolvlm`) and of its Idefics3 ancestor, which has the same layout.
+VLM_MODEL_TYPES = ("smolvlm", "idefics3")
+VLM_ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
+VISION_MODEL_TYPES = ("smolvlm_vision", "idefics3_vision")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Hyper-parameters of SmolVLM2's SigLIP vision encoder (defaults: the 256M/500M models' encoder)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 512
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    model_type: str = "smolvlm_vision"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_channels", "image_size", "patch_size"):
+            value = getattr(self, name)
+            if not _is_positive_int(value):
+                raise ConfigError(f"vision config field {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"vision hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                              f"({self.num_attention_heads})")
+        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+            raise ConfigError(f"vision hidden_act {self.hidden_act!r} is not supported: SigLIP uses "
+                              "gelu_pytorch_tanh (the tanh approximation of GELU)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        """Patches along a tile's edge; like the strided conv it replaces, it drops a remainder (384 px / 14 -> 27)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_side ** 2
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "VisionConfig":
+        """Reads a `vision_config` dict; absent fields take transformers' SmolVLMVisionConfig defaults."""
+        model_type = hf.get("model_type", "smolvlm_vision")
+        if model_type not in VISION_MODEL_TYPES:
+            raise ConfigError(f"unknown vision model_type {model_type!r}: smoljax runs "
+                              f"{', '.join(VISION_MODEL_TYPES)} encoders")
+        defaults = cls()
+        fields = {f.name: hf.get(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(cls)}
+        fields["layer_norm_eps"] = float(fields["layer_norm_eps"])
+        fields["model_type"] = model_type
+        return cls(**fields)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    """SmolVLM2: a SigLIP encoder, a pixel-shuffle connector and a SmolLM2 decoder. Image features replace the
+    `<image>` placeholder embeddings in the text; there is no cross-attention."""
+
+    text: LlamaConfig
+    vision: VisionConfig = VisionConfig()
+    scale_factor: int = 4
+    image_token_id: int = 49190
+    model_type: str = "smolvlm"
+
+    def __post_init__(self) -> None:
+        if not _is_positive_int(self.scale_factor) or self.vision.patches_per_side % self.scale_factor:
+            raise ConfigError(f"scale_factor {self.scale_factor!r} must be a positive integer that divides the "
+                              f"{self.vision.patches_per_side} patches per side of the vision encoder")
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ConfigError(f"image_token_id {self.image_token_id} is outside the vocabulary "
+                              f"(0..{self.text.vocab_size - 1})")
+
+    @property
+    def image_seq_len(self) -> int:
+        """Text positions one image tile fills: its patches after the pixel shuffle (64 for 512 px, 16 px, x4)."""
+        return self.vision.num_patches // self.scale_factor ** 2
+
+    @property
+    def connector_in_features(self) -> int:
+        return self.vision.hidden_size * self.scale_factor ** 2
+
+    def replace(self, **changes: Any) -> "VLMConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "VLMConfig":
+        """Builds a config from a SmolVLM2 (`smolvlm`) or Idefics3 (`idefics3`) `config.json` dict."""
+        model_type = hf.get("model_type")
+        if model_type not in VLM_MODEL_TYPES:
+            raise ConfigError(f"unknown model_type {model_type!r}: smoljax runs {', '.join(VLM_MODEL_TYPES)} "
+                              "vision-language models (SmolVLM2)")
+        unknown = [a for a in hf.get("architectures") or [] if a not in VLM_ARCHITECTURES]
+        if unknown:
+            raise ConfigError(f"unknown architecture {unknown[0]!r}: smoljax runs {', '.join(VLM_ARCHITECTURES)}")
+        text_hf = dict(_require(hf, "text_config"))
+        if text_hf.get("use_resampler") or text_hf.get("qk_layer_norms"):
+            raise ConfigError("text_config use_resampler/qk_layer_norms are not supported: SmolVLM2 uses neither")
+        text_hf.pop("architectures", None)  # SmolVLM2 writes an old training-time class name here
+        text_hf.setdefault("model_type", "llama")
+        # The head is tied or not at the top level; the text config of the real checkpoints does not say.
+        text_hf["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", text_hf.get("tie_word_embeddings", False)))
+        return cls(text=LlamaConfig.from_hf_dict(text_hf),
+                   vision=VisionConfig.from_hf_dict(dict(hf.get("vision_config") or {})),
+                   scale_factor=hf.get("scale_factor", 2),
+                   image_token_id=_require(hf, "image_token_id"),
+                   model_type=model_type)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` dict that transformers' SmolVLMForConditionalGeneration loads as this model."""
+        text = self.text.to_hf_dict()
+        text.pop("architectures")
+        architecture = VLM_ARCHITECTURES[VLM_MODEL_TYPES.index(self.model_type)]
+        return {
+            "architectures": [architecture],
+            "model_type": self.model_type,
+            "image_token_id": self.image_token_id,
+            "scale_factor": self.scale_factor,
+            "tie_word_embeddings": self.text.tie_word_embeddings,
+            "vocab_size": self.text.vocab_size,
+            "pad_token_id": self.text.pad_token_id,
+            "torch_dtype": self.text.torch_dtype,
+            "text_config": text,
+            "vision_config": self.vision.to_hf_dict(),
+        }
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "VLMConfig":
+        return cls.from_hf_dict(read_config_json(path))
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2)
+            f.write("\n")
+
+
+def config_from_hf_dict(hf: dict[str, Any]) -> "LlamaConfig | VLMConfig":
+    """The config class that a `config.json` describes: a SmolVLM2 (`smolvlm`, `idefics3`) or a SmolLM2 (`llama`)."""
+    if hf.get("model_type") in VLM_MODEL_TYPES:
+        return VLMConfig.from_hf_dict(hf)
+    return LlamaConfig.from_hf_dict(hf)
+
+
 # Real hub values (HuggingFaceTB/SmolLM2-*). The Instruct models use bos 1 / eos 2 (<|im_end|>); base models use 0.
 _SMOLLM2_135M = LlamaConfig()
 _SMOLLM2_360M = LlamaConfig(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
@@ -212,9 +366,28 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-def preset(name: str) -> LlamaConfig:
-    """A preset by name, with or without the `HuggingFaceTB/` prefix, e.g. `preset("SmolLM2-360M")`."""
+# SmolVLM2 (HuggingFaceTB/SmolVLM2-*): config.json values of the hub checkpoints. The text towers are SmolLM2 shapes
+# with the 128 added image/utterance tokens (vocab 49280) and untied heads; <end_of_utterance> (49279) ends a turn.
+_VLM_TEXT = dict(vocab_size=49280, tie_word_embeddings=False, bos_token_id=1, eos_token_id=49279, pad_token_id=2,
+                 initializer_range=0.02)
+_SIGLIP_SO400M_384 = VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                  num_attention_heads=16, image_size=384, patch_size=14)
+
+VLM_PRESETS: dict[str, VLMConfig] = {
+    "SmolVLM2-256M-Video-Instruct": VLMConfig(text=_SMOLLM2_135M.replace(**_VLM_TEXT)),
+    "SmolVLM2-500M-Video-Instruct": VLMConfig(text=_SMOLLM2_360M.replace(**_VLM_TEXT)),
+    "SmolVLM2-2.2B-Instruct": VLMConfig(
+        text=_SMOLLM2_1_7B.replace(**_VLM_TEXT, rope_theta=273768.0, max_position_embeddings=16384),
+        vision=_SIGLIP_SO400M_384, scale_factor=3),
+}
+
+
+def preset(name: str) -> LlamaConfig | VLMConfig:
+    """A preset by name, with or without the `HuggingFaceTB/` prefix, e.g. `preset("SmolLM2-360M")` or
+    `preset("SmolVLM2-500M-Video-Instruct")`."""
     key = name.split("/")[-1]
+    if key in VLM_PRESETS:
+        return VLM_PRESETS[key]
     if key not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join([*PRESETS, *VLM_PRESETS])}")
     return PRESETS[key]

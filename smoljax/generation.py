@@ -21,9 +21,9 @@ from jax.experimental import io_callback
 
 from smoljax.attention import Implementation
 from smoljax.cache import KVCache, init_cache
-from smoljax.config import LlamaConfig
+from smoljax.config import LlamaConfig, VLMConfig
 from smoljax.errors import InputError
-from smoljax.models import smollm2
+from smoljax.models import smollm2, smolvlm2
 from smoljax.sampling import Sampler
 
 TokenSampler = Callable[[jax.Array, jax.Array], jax.Array]
@@ -93,10 +93,14 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], config: LlamaConfig, max_n
 
 
 def prefill(params: dict, tokens: jax.Array, segments: jax.Array, cache: KVCache, config: LlamaConfig,
-            attn_impl: Implementation = "auto") -> tuple[jax.Array, KVCache]:
-    """Writes left-padded prompts [B, P] into the cache. Returns last-token logits [B, V] (f32) and the cache."""
+            attn_impl: Implementation = "auto", embeds: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Writes left-padded prompts [B, P] into the cache. Returns last-token logits [B, V] (f32) and the cache.
+
+    `embeds` [B, P, hidden] replaces the token embeddings (a VLM's prompt with its image features merged in).
+    """
     positions = smollm2.segment_positions(segments)
-    hidden, cache = smollm2.decoder_stack(params, smollm2.embed(params, tokens), config, positions=positions,
+    x = smollm2.embed(params, tokens) if embeds is None else embeds.astype(params["embed"].dtype)
+    hidden, cache = smollm2.decoder_stack(params, x, config, positions=positions,
                                           segments=segments, cache=cache, attn_impl=attn_impl)
     return smollm2.lm_logits(params, hidden[:, -1:], config)[:, 0], cache
 
@@ -119,7 +123,8 @@ decode_step_jit = jax.jit(decode_step, static_argnames=("config", "attn_impl", "
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_ids", "out_length", "cache_length",
                                              "attn_impl", "unroll_layers", "fuse", "stream"))
 def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: jax.Array,
-                   max_new_tokens: jax.Array, *, config: LlamaConfig, sampler: TokenSampler,
+                   max_new_tokens: jax.Array, embeds: jax.Array | None, *, config: LlamaConfig,
+                   sampler: TokenSampler,
                    stop_ids: tuple[int, ...], out_length: int, cache_length: int, attn_impl: Implementation,
                    unroll_layers: bool, fuse: bool, stream: bool) -> tuple[jax.Array, jax.Array]:
     """Prefill and decode inside one program. Returns new tokens [B, out_length] and counts [B]."""
@@ -127,7 +132,7 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
     if fuse:
         params = smollm2.fuse_projections(params)
     cache = init_cache(config, batch, cache_length, params["embed"].dtype, per_layer=unroll_layers)
-    logits, cache = prefill(params, tokens, segments, cache, config, attn_impl)
+    logits, cache = prefill(params, tokens, segments, cache, config, attn_impl, embeds)
     next_positions = jnp.sum(segments != 0, axis=1).astype(jnp.int32)
     stop_array = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     pad_id = stop_ids[0] if stop_ids else 0
@@ -170,13 +175,18 @@ _STREAM_SINK = _StreamSink()
 _STREAM_LOCK = threading.Lock()
 
 
-def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
-             sampler: TokenSampler = Sampler(), seed: int | jax.Array = 0,
+def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int = 128, sampler: TokenSampler = Sampler(), seed: int | jax.Array = 0,
              stop_tokens: Sequence[int] | None = None, truncate: str | None = None,
+             pixel_values: np.ndarray | None = None, pixel_attention_mask: np.ndarray | None = None,
              attn_impl: Implementation = "auto", unroll_layers: bool | None = None,
              fuse_projections: bool | None = None,
              on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` tokens for each prompt (lists of token ids; lengths may differ).
+
+    For a SmolVLM2 (`VLMConfig`), prompts are the processor's expanded ids and `pixel_values` [B, N, 3, H, W] /
+    `pixel_attention_mask` [B, N, H, W] its padded tiles (`smoljax.processor.VLMProcessor` gives all three); the
+    image features replace the `<image>` embeddings for the prefill, then decoding runs as for text.
 
     `sampler` is any `(logits [B, V], key) -> tokens [B]` callable; `Sampler(temperature=..., top_k=..., ...)` gives
     the usual ones. `seed` is an int or a PRNG key: the same seed gives the same tokens. Rows stop at their first stop
@@ -187,6 +197,13 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     `fuse_projections` runs q/k/v and gate/up as one matmul each (`smollm2.fuse_projections`), at the cost of a
     second copy of those weights while generating; the default (None) fuses on accelerators.
     """
+    vlm_config = config if isinstance(config, VLMConfig) else None
+    if vlm_config is not None:
+        config = vlm_config.text
+        if pixel_values is not None:
+            truncate = None  # cutting a prompt could split an image's placeholders from its features
+    elif pixel_values is not None:
+        raise InputError("pixel_values were given but the model is a text model: images need a SmolVLM2")
     prompts = prepare_prompts(prompts, config, max_new_tokens, truncate)
     if unroll_layers is None:
         unroll_layers = jax.default_backend() != "cpu"
@@ -201,7 +218,12 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     compile_start = time.perf_counter()
     # Lowering and compiling ahead of the call keeps compilation out of the measured decoding time; both are
     # cached, so a second call with the same shapes and settings compiles nothing.
-    args = (params, jnp.asarray(tokens), jnp.asarray(segments), key, jnp.asarray(max_new_tokens, jnp.int32))
+    embeds = None
+    if vlm_config is not None:
+        embeds = prompt_embeddings(params, vlm_config, tokens, pixel_values, pixel_attention_mask, attn_impl)
+        params = params["text"]
+    args = (params, jnp.asarray(tokens), jnp.asarray(segments), key, jnp.asarray(max_new_tokens, jnp.int32),
+            embeds)
     compiled = _generate_loop.lower(
         *args, config=config, sampler=sampler, stop_ids=stop_ids, out_length=out_length,
         cache_length=prompt_length + out_length, attn_impl=attn_impl, unroll_layers=unroll_layers,
@@ -221,6 +243,36 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     new_tokens = [out[row, :counts[row]].tolist() for row in range(len(prompts))]
     return GenerationResult(tokens=new_tokens, prompt_tokens=prompts, seconds=seconds,
                             compile_seconds=start - compile_start)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attn_impl"))
+def _vlm_embeddings(params: dict, tokens: jax.Array, pixel_values: jax.Array | None, pixel_mask: jax.Array | None,
+                    config: VLMConfig, attn_impl: Implementation) -> jax.Array:
+    return smolvlm2.embed_inputs(params, tokens, pixel_values, pixel_mask, config, attn_impl)
+
+
+def prompt_embeddings(params: dict, config: VLMConfig, tokens: np.ndarray, pixel_values: np.ndarray | None,
+                      pixel_mask: np.ndarray | None, attn_impl: Implementation = "auto") -> jax.Array:
+    """Embeddings [B, P, hidden] of left-padded VLM prompts [B, P] with their image features merged in.
+
+    The real tiles of the padded batch (HF's rule: a tile of all zeros is padding) run through the encoder, their
+    count rounded up to a power of two with blank tiles so that new image counts reuse compiled programs.
+    """
+    if pixel_values is None:
+        return _vlm_embeddings(params, jnp.asarray(tokens), None, None, config, attn_impl)
+    pixel_values = np.asarray(pixel_values, np.float32)
+    if pixel_values.ndim != 5:
+        raise InputError(f"pixel_values must be [batch, images, 3, height, width], got shape {pixel_values.shape}")
+    if pixel_mask is None:
+        pixel_mask = np.ones(pixel_values.shape[:2] + pixel_values.shape[3:], bool)
+    real = np.any(pixel_values.reshape(*pixel_values.shape[:2], -1) != 0, axis=-1)
+    tiles = pixel_values[real]
+    masks = np.asarray(pixel_mask, bool)[real]
+    smolvlm2.check_image_token_count(tokens, len(tiles), config)
+    bucket = 1 << max(0, len(tiles) - 1).bit_length()
+    tiles = np.concatenate([tiles, np.zeros((bucket - len(tiles),) + tiles.shape[1:], tiles.dtype)])
+    masks = np.concatenate([masks, np.zeros((bucket - len(masks),) + masks.shape[1:], bool)])
+    return _vlm_embeddings(params, jnp.asarray(tokens), jnp.asarray(tiles), jnp.asarray(masks), config, attn_impl)
 
 
 def stream(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], **kwargs: Any,

@@ -44,3 +44,20 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """The SwiGLU gate: silu(gate) * up, both [..., mlp] (the MLP is down(swiglu(x @ gate_w, x @ up_w)))."""
     return jax.nn.silu(gate) * up
 
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis with statistics in f32, as torch computes it for f32 and bf16 inputs.
+
+    x: [..., hidden], scale/bias: [hidden] -> [..., hidden] in x.dtype.
+    """
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(variance + eps)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation (torch's `gelu(approximate="tanh")`, HF's gelu_pytorch_tanh)."""
+    return jax.nn.gelu(x, approximate=True)

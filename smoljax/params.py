@@ -18,6 +18,20 @@ SmolLM2 parameter tree (L layers stacked on the leading axis so `lax.scan` runs 
       down_proj  [L, mlp, hidden]
     final_norm   [hidden]
     lm_head      [hidden, vocab]       (only when the embedding is not tied)
+
+SigLIP vision encoder (`siglip_specs`; P = patch size, C = channels, N = patches per tile):
+
+    patch_embed  [C * P * P, hidden]   the patch conv as a matmul over flattened (channel, row, column) patches
+    patch_bias   [hidden]
+    position_embed [N, hidden]
+    layers/      ln1_scale, ln1_bias, ln2_scale, ln2_bias [L, hidden]
+                 q_proj, k_proj, v_proj [L, hidden, heads, head_dim]; q_bias, k_bias, v_bias [L, heads, head_dim]
+                 o_proj [L, heads, head_dim, hidden]; o_bias [L, hidden]
+                 fc1 [L, hidden, mlp]; fc1_bias [L, mlp]; fc2 [L, mlp, hidden]; fc2_bias [L, hidden]
+    post_norm_scale, post_norm_bias [hidden]
+
+SmolVLM2 (`vlm_specs`): {"vision": SigLIP tree, "connector": {"proj": [hidden_vision * scale^2, hidden_text]},
+"text": the SmolLM2 tree}.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from smoljax.config import LlamaConfig
+from smoljax.config import LlamaConfig, VisionConfig, VLMConfig
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
@@ -92,6 +106,65 @@ def llama_specs(config: LlamaConfig, dtype: Any = jnp.float32) -> dict[str, Any]
     if not config.tie_word_embeddings:
         tree["lm_head"] = spec((hidden, config.vocab_size), ("embed", "vocab"))
     return tree
+
+
+def zeros_init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def siglip_specs(config: VisionConfig, dtype: Any = jnp.float32, std: float = 0.02) -> dict[str, Any]:
+    """The spec tree of the SigLIP vision encoder; see the module docstring for the layout."""
+    hidden, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    patch_features = config.num_channels * config.patch_size ** 2
+
+    def spec(shape, axes, init=normal_init(std)) -> ParamSpec:
+        return ParamSpec(tuple(shape), tuple(axes), init, dtype)
+
+    def norm(shape, axes):
+        return spec(shape, axes, ones_init), spec(shape, axes, zeros_init)
+
+    ln1_scale, ln1_bias = norm((layers, hidden), ("layers", "norm"))
+    ln2_scale, ln2_bias = norm((layers, hidden), ("layers", "norm"))
+    post_scale, post_bias = norm((hidden,), ("norm",))
+    qkv = ((layers, hidden, heads, head_dim), ("layers", "embed", "q_heads", "head_dim"))
+    qkv_bias = ((layers, heads, head_dim), ("layers", "q_heads", "head_dim"))
+    return {
+        "patch_embed": spec((patch_features, hidden), ("patch", "embed")),
+        "patch_bias": spec((hidden,), ("norm",), zeros_init),
+        "position_embed": spec((config.num_patches, hidden), ("positions", "embed")),
+        "layers": {
+            "ln1_scale": ln1_scale, "ln1_bias": ln1_bias,
+            "q_proj": spec(*qkv), "k_proj": spec(*qkv), "v_proj": spec(*qkv),
+            "q_bias": spec(*qkv_bias, zeros_init), "k_bias": spec(*qkv_bias, zeros_init),
+            "v_bias": spec(*qkv_bias, zeros_init),
+            "o_proj": spec((layers, heads, head_dim, hidden), ("layers", "q_heads", "head_dim", "embed")),
+            "o_bias": spec((layers, hidden), ("layers", "norm"), zeros_init),
+            "ln2_scale": ln2_scale, "ln2_bias": ln2_bias,
+            "fc1": spec((layers, hidden, mlp), ("layers", "embed", "mlp")),
+            "fc1_bias": spec((layers, mlp), ("layers", "mlp"), zeros_init),
+            "fc2": spec((layers, mlp, hidden), ("layers", "mlp", "embed")),
+            "fc2_bias": spec((layers, hidden), ("layers", "norm"), zeros_init),
+        },
+        "post_norm_scale": post_scale,
+        "post_norm_bias": post_bias,
+    }
+
+
+def vlm_specs(config: VLMConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The spec tree of a SmolVLM2: vision encoder, connector projection and text decoder."""
+    proj_shape = (config.connector_in_features, config.text.hidden_size)
+    return {
+        "vision": siglip_specs(config.vision, dtype),
+        "connector": {"proj": ParamSpec(proj_shape, ("patch", "embed"), normal_init(0.02), dtype)},
+        "text": llama_specs(config.text, dtype),
+    }
+
+
+def model_specs(config: LlamaConfig | VLMConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The spec tree of any model config: `vlm_specs` for a VLMConfig, `llama_specs` for a LlamaConfig."""
+    return vlm_specs(config, dtype) if isinstance(config, VLMConfig) else llama_specs(config, dtype)
 
 
 def init_params(specs: Any, key: jax.Array) -> Any:

@@ -25,6 +25,8 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    "patch": None,       # flattened patch pixels (vision patch embedding, connector input)
+    "positions": None,   # learned vision position embeddings
 }
 
 

@@ -9,17 +9,26 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from smoljax.config import LlamaConfig, read_config_json
+from smoljax.config import LlamaConfig, VLMConfig, config_from_hf_dict, read_config_json
 from smoljax.errors import ConfigError
 
 
 class LoadedModel(NamedTuple):
-    """What `smoljax.load` returns; unpacks as `config, params, tokenizer = smoljax.load()`."""
+    """What `smoljax.load` returns; unpacks as `config, params, tokenizer, source = smoljax.load()`."""
 
-    config: LlamaConfig
+    config: LlamaConfig | VLMConfig
     params: dict[str, Any]
     tokenizer: Any  # smoljax.tokenizer.Tokenizer, or None for a directory without tokenizer files
     source: Path
+
+    @property
+    def processor(self):
+        """For a SmolVLM2: the `smoljax.processor.VLMProcessor` of its directory (tokenizer + image settings)."""
+        if not isinstance(self.config, VLMConfig):
+            raise ConfigError(f"{self.source} is a text model: only SmolVLM2 models have an image processor")
+        from smoljax.processor import VLMProcessor
+
+        return VLMProcessor.from_dir(self.source)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -56,12 +65,15 @@ def load(model: str | os.PathLike | None = None, *, dtype: Any = "float32", revi
 
 
 def _load_hf_dir(path: Path, dtype: Any) -> LoadedModel:
-    from smoljax.checkpoints.hf_layout import hf_to_params
+    from smoljax.checkpoints.hf_layout import hf_to_params, hf_to_vlm_params
     from smoljax.checkpoints.safetensors_io import read_safetensors
 
-    config = LlamaConfig.from_hf_dict(read_config_json(path / "config.json"))
+    config = config_from_hf_dict(read_config_json(path / "config.json"))
     tensors = read_safetensors(path)
-    params = hf_to_params(tensors, config, dtype, source=str(path))
+    if isinstance(config, VLMConfig):
+        params = hf_to_vlm_params(tensors, config, dtype, source=str(path))
+    else:
+        params = hf_to_params(tensors, config, dtype, source=str(path))
     return LoadedModel(config, params, _maybe_tokenizer(path), path)
 
 
@@ -82,9 +94,13 @@ def _maybe_tokenizer(path: Path):
     return Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
 
 
-def save_pretrained(directory: str | os.PathLike, config: LlamaConfig, params: dict[str, Any], tokenizer=None,
-                    *, dtype: Any = None, max_shard_bytes: int | None = 2 * 1024**3) -> Path:
+def save_pretrained(directory: str | os.PathLike, config: LlamaConfig | VLMConfig, params: dict[str, Any],
+                    tokenizer=None, *, processor=None, dtype: Any = None,
+                    max_shard_bytes: int | None = 2 * 1024**3) -> Path:
     """Writes an HF model directory (config.json, safetensors, tokenizer files) that transformers loads.
+
+    For a SmolVLM2, `processor` (a `VLMProcessor`) also writes its tokenizer and the image settings
+    (preprocessor_config.json, processor_config.json).
 
     `dtype` casts the stored tensors (default: keep the parameters' dtype). Every file is written to a temporary
     file and renamed into place, so an interrupted save never corrupts an existing checkpoint, and saving again into
@@ -93,17 +109,26 @@ def save_pretrained(directory: str | os.PathLike, config: LlamaConfig, params: d
     import shutil
     import tempfile
 
-    from smoljax.checkpoints.hf_layout import params_to_hf
+    from smoljax.checkpoints.hf_layout import params_to_hf, vlm_params_to_hf
     from smoljax.checkpoints.safetensors_io import write_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = params_to_hf(params, config)
+    if isinstance(config, VLMConfig):
+        tensors = vlm_params_to_hf(params, config)
+    else:
+        tensors = params_to_hf(params, config)
+    if processor is not None and tokenizer is None:
+        tokenizer = processor.tokenizer
     if dtype is not None:
         np_dtype = np.dtype(parse_dtype(dtype))
         tensors = {name: value.astype(np_dtype) for name, value in tensors.items()}
     stored_dtype = next(iter(tensors.values())).dtype
-    saved_config = config.replace(torch_dtype=str(np.dtype(stored_dtype).name))
+    stored_name = str(np.dtype(stored_dtype).name)
+    if isinstance(config, VLMConfig):
+        saved_config = config.replace(text=config.text.replace(torch_dtype=stored_name))
+    else:
+        saved_config = config.replace(torch_dtype=stored_name)
     # Config and tokenizer files are staged first and renamed into place after the weights: a failure before that
     # leaves every existing file as it was.
     staging = Path(tempfile.mkdtemp(dir=directory, prefix=".save."))
@@ -111,6 +136,9 @@ def save_pretrained(directory: str | os.PathLike, config: LlamaConfig, params: d
         saved_config.to_json_file(staging / "config.json")
         if tokenizer is not None:
             tokenizer.save(staging)
+        if processor is not None:
+            _write_json(staging / "preprocessor_config.json", processor.image_config.to_hf_dict())
+            _write_json(staging / "processor_config.json", {"image_seq_len": processor.image_seq_len})
         write_safetensors(directory, tensors, max_shard_bytes=max_shard_bytes)
         for staged in sorted(staging.iterdir()):
             os.replace(staged, directory / staged.name)
@@ -118,3 +146,11 @@ def save_pretrained(directory: str | os.PathLike, config: LlamaConfig, params: d
         shutil.rmtree(staging, ignore_errors=True)
     return directory
 
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
