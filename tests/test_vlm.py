@@ -11,6 +11,7 @@ different order (fused matmuls, f32 LayerNorm statistics); observed differences 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -72,6 +73,15 @@ def processor(loaded):
 
 
 @pytest.fixture(scope="module")
+def unsplit_processor(processor):
+    """One tile per image: the generation tests compare decoding, which the tile count does not change."""
+    from smoljax.processor import VLMProcessor
+
+    image_config = dataclasses.replace(processor.image_config, do_image_splitting=False)
+    return VLMProcessor(processor.tokenizer, image_config, processor.image_seq_len)
+
+
+@pytest.fixture(scope="module")
 def images():
     return sample_images()
 
@@ -119,7 +129,8 @@ def test_logits_match_transformers(hf_model, loaded, processor, images):
     np.testing.assert_allclose(np.asarray(logits), reference, atol=1e-3, rtol=0)
 
 
-def test_greedy_continuation_matches_transformers(hf_model, loaded, processor, images):
+def test_greedy_continuation_matches_transformers(hf_model, loaded, unsplit_processor, images):
+    processor = unsplit_processor
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}])
     batch = processor([prompt], [[images["coffee"]]])
@@ -133,7 +144,8 @@ def test_greedy_continuation_matches_transformers(hf_model, loaded, processor, i
     assert result.tokens[0] == reference
 
 
-def test_batch_with_different_image_counts_equals_single_runs(loaded, processor, images):
+def test_batch_with_different_image_counts_equals_single_runs(loaded, unsplit_processor, images):
+    processor = unsplit_processor
     prompts = ["<image>What is here?", "Compare <image> and <image>.", "No picture, just text."]
     prompt_images = [[images["rocket"]], [images["tall"], images["chelsea"]], []]
     batch = processor(prompts, prompt_images)
@@ -147,11 +159,12 @@ def test_batch_with_different_image_counts_equals_single_runs(loaded, processor,
         assert together.tokens[index] == alone.tokens[0], index
 
 
-def test_save_pretrained_round_trips_through_transformers(tmp_path, loaded, processor, images, hf_model):
+def test_save_pretrained_round_trips_through_transformers(tmp_path, loaded, processor, unsplit_processor, images,
+                                                          hf_model):
     target = tmp_path / "saved"
     smoljax.save_pretrained(target, loaded.config, loaded.params, processor=processor)
     reloaded = transformers.SmolVLMForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
-    batch = processor(["<image>Hello"], [[images["rocket"]]])
+    batch = unsplit_processor(["<image>Hello"], [[images["rocket"]]])
     input_ids, pixel_values, pixel_mask = _hf_inputs(batch)
     with torch.no_grad():
         expected = hf_model(input_ids=input_ids, pixel_values=pixel_values, pixel_attention_mask=pixel_mask).logits
