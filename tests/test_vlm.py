@@ -208,3 +208,96 @@ def test_full_size_models_trace_with_eval_shape(name):
     assert logits.shape == (1, tokens.shape[1], config.text.vocab_size)
     features = jax.eval_shape(lambda p, x, m: smolvlm2.image_features(p, x, m, config), params, pixels, masks)
     assert features.shape == (3, config.image_seq_len, config.text.hidden_size)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_vlm_dir(tmp_path_factory, real_gguf_path):
+    """A SmolVLM2 directory with tiny random towers (real tile, patch and token layout), for fast CLI runs."""
+    from smoljax.processor import VLMProcessor
+
+    config = preset("SmolVLM2-500M-Video-Instruct")
+    config = config.replace(
+        text=config.text.replace(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=32),
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    tokenizer_dir = build_smolvlm2_tokenizer_dir(tmp_path_factory.mktemp("tokenizer"), real_gguf_path)
+    params = smoljax.init_params(vlm_specs(config), jax.random.key(0))
+    directory = tmp_path_factory.mktemp("tiny_vlm")
+    smoljax.save_pretrained(directory, config, params, processor=VLMProcessor.from_dir(tokenizer_dir))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory, images):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("photos") / "cat.jpg"
+    Image.fromarray(images["chelsea"]).save(path)
+    return path
+
+
+def _cli_json(capsys, argv):
+    from smoljax import cli
+
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_generate_with_images_follows_the_json_contract(capsys, tiny_vlm_dir, photo):
+    loaded = smoljax.load(tiny_vlm_dir)
+    out = _cli_json(capsys, ["generate", "--model", str(tiny_vlm_dir), "--image", str(photo), "--prompt",
+                             "What animal is this?", "--max-new-tokens", "4", "--json"])
+    assert set(out) == {"prompt_tokens", "tokens", "text", "tokens_per_s"}
+    expected = loaded.processor(["<image>What animal is this?"], [[str(photo)]]).input_ids[0]
+    assert out["prompt_tokens"] == expected  # no marker: the image goes before the text
+    assert 1 <= len(out["tokens"]) <= 4
+    marked = _cli_json(capsys, ["generate", "--model", str(tiny_vlm_dir), "--image", str(photo), "--prompt",
+                                "Look: <image> What is it?", "--max-new-tokens", "2", "--json"])
+    assert marked["prompt_tokens"] == loaded.processor(["Look: <image> What is it?"], [[str(photo)]]).input_ids[0]
+
+
+def test_cli_score_with_images_reports_expanded_ids(capsys, tiny_vlm_dir, photo):
+    loaded = smoljax.load(tiny_vlm_dir)
+    out = _cli_json(capsys, ["score", "--model", str(tiny_vlm_dir), "--image", str(photo), "--text", "A cat.",
+                             "--json"])
+    batch = loaded.processor(["<image>A cat."], [[str(photo)]])
+    assert out["tokens"] == batch.input_ids[0]
+    assert out["logprobs"][0] is None and len(out["logprobs"]) == len(out["tokens"])
+    logits = smolvlm2.forward(loaded.params, jnp.asarray(batch.input_ids), loaded.config,
+                              pixel_values=jnp.asarray(batch.pixel_values[0]),
+                              pixel_mask=jnp.asarray(batch.pixel_attention_mask[0]))
+    expected = jax.nn.log_softmax(logits[0, :-1], axis=-1)[np.arange(len(out["tokens"]) - 1), out["tokens"][1:]]
+    np.testing.assert_allclose(out["logprobs"][1:], np.asarray(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xd8\xff\xe0 truncated jpeg", "image"),
+    (b"just some text, not a picture\n", "image"),
+])
+def test_cli_bad_image_files_give_one_line(capsys, tmp_path, tiny_vlm_dir, content, message):
+    from smoljax import cli
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(content)
+    code = cli.main(["generate", "--model", str(tiny_vlm_dir), "--image", str(bad), "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err and str(bad) in err
+
+
+def test_cli_image_count_mismatch_and_text_model_errors(capsys, tiny_vlm_dir, photo, real_gguf_path):
+    from smoljax import cli
+
+    code = cli.main(["generate", "--model", str(tiny_vlm_dir), "--image", str(photo), "--prompt",
+                     "<image> and <image>"])
+    err = capsys.readouterr().err
+    assert code == 2 and "2 <image> markers but 1 images" in err
+    code = cli.main(["generate", "--model", str(real_gguf_path), "--image", str(photo), "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and "text model" in err
+
+
+def test_zero_sized_image_is_a_clear_error(loaded, processor):
+    with pytest.raises(InputError, match="zero|empty|0x"):
+        processor(["<image>"], [[np.zeros((0, 5, 3), np.uint8)]])
