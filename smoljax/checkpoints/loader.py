@@ -74,7 +74,11 @@ def _load_hf_dir(path: Path, dtype: Any) -> LoadedModel:
         params = hf_to_vlm_params(tensors, config, dtype, source=str(path))
     else:
         params = hf_to_params(tensors, config, dtype, source=str(path))
-    return LoadedModel(config, params, _maybe_tokenizer(path), path)
+    tokenizer = _maybe_tokenizer(path)
+    if isinstance(config, VLMConfig) and config.text.eos_token_id is None and tokenizer is not None:
+        # The hub SmolVLM2 text configs name no EOS; the turn ends at the tokenizer's (<end_of_utterance>).
+        config = config.replace(text=config.text.replace(eos_token_id=tokenizer.eos_token_id))
+    return LoadedModel(config, params, tokenizer, path)
 
 
 def _load_gguf(path: Path, dtype: Any) -> LoadedModel:
