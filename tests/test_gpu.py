@@ -92,3 +92,48 @@ def test_ragged_batch_equals_single_runs_on_gpu(models):
         singles = [generation.generate(params, config, [p], max_new_tokens=16, stop_tokens=[]).tokens[0]
                    for p in prompts]
     assert batched == singles
+
+
+def test_serving_layout_decode_equals_the_scan_path_on_gpu(models):
+    """The accelerator default (unrolled layers, per-layer cache, fused [out, in] projections) against the plain
+    scan over stacked weights: the same greedy tokens in f32 with `highest` precision."""
+    config, params, _ = models
+    rng = np.random.RandomState(5)
+    prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in (9, 30)]
+    with jax.default_matmul_precision("highest"):
+        serving = generation.generate(params, config, prompts, max_new_tokens=24, stop_tokens=[]).tokens
+        plain = generation.generate(params, config, prompts, max_new_tokens=24, stop_tokens=[],
+                                    unroll_layers=False, fuse_projections=False).tokens
+    assert serving == plain
+
+
+def test_smolvlm2_logits_match_transformers_on_gpu():
+    """SmolVLM2 at the real 500M widths (two layers per tower), random weights, on the GPU in f32: an image prompt's
+    logits within 1e-3 of transformers' (same tolerance and reasoning as the text model above)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from smoljax.checkpoints.hf_layout import vlm_params_to_hf
+    from smoljax.config import VisionConfig
+    from smoljax.models import smolvlm2
+    from smoljax.params import vlm_specs
+
+    config = preset("SmolVLM2-500M-Video-Instruct")
+    config = config.replace(text=config.text.replace(num_hidden_layers=2), vision=VisionConfig(num_hidden_layers=2))
+    params = init_params(vlm_specs(config), jax.random.key(1))
+    hf = transformers.SmolVLMForConditionalGeneration(transformers.SmolVLMConfig(**config.to_hf_dict()))
+    hf.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in vlm_params_to_hf(params, config).items()})
+    hf = hf.eval().cuda()
+    rng = np.random.RandomState(0)
+    tiles = 3
+    pixels = rng.uniform(-1, 1, (1, tiles, 3, 512, 512)).astype(np.float32)
+    mask = np.ones((1, tiles, 512, 512), bool)
+    mask[0, -1, 300:, :] = False  # a padded global image
+    pixels[0, -1][:, 300:, :] = 0.0
+    ids = [1, 2, 3] + [config.image_token_id] * (tiles * config.image_seq_len) + [4, 5, 6]
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([ids]).cuda(), pixel_values=torch.tensor(pixels).cuda(),
+                      pixel_attention_mask=torch.tensor(mask).cuda()).logits.float().cpu().numpy()
+    with jax.default_matmul_precision("highest"):
+        logits = smolvlm2.forward(params, jnp.asarray([ids]), config, pixel_values=jnp.asarray(pixels[0]),
+                                  pixel_mask=jnp.asarray(mask[0]))
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-3, rtol=0)
