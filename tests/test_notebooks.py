@@ -38,6 +38,15 @@ EXPECTED_OUTPUTS = {
         # The France question, left-padded next to shorter and longer prompts, is still answered.
         "batch": [r"Q: What is the capital of France\?\nA: [^\n]*Paris"],
     },
+    "vision.ipynb": {
+        "presets": [r"507,482,304"],
+        "params": [r"124,713,792 parameters"],
+        "prompt": [r"13 tiles x 64"],
+        # The step-by-step encoder, pixel shuffle and projection equal the jitted image_features.
+        "stages": [r"same as image_features: True"],
+        "merge": [r"hold the features: True"],
+        "save-load": [r"same config: True  same \(bfloat16\) parameters: True"],
+    },
 }
 
 # notebook name -> tags of cells that print text piece by piece while it is generated (checked: many stdout chunks).
