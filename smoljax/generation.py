@@ -30,8 +30,16 @@ TokenSampler = Callable[[jax.Array, jax.Array], jax.Array]
 MIN_BUCKET = 16
 
 
+LINEAR_BUCKETS_FROM = 512
+LINEAR_BUCKET_STEP = 256
+
+
 def bucket_length(length: int, minimum: int = MIN_BUCKET) -> int:
-    """The next power of two >= length (at least `minimum`): lengths that share a bucket share a compilation."""
+    """Lengths that share a bucket share a compilation: the next power of two >= length (at least `minimum`) up to
+    512, then the next multiple of 256, so a long prompt (an image prompt is ~1,100 tokens) pads by at most 256
+    tokens rather than nearly doubling its prefill."""
+    if length > LINEAR_BUCKETS_FROM:
+        return -(-length // LINEAR_BUCKET_STEP) * LINEAR_BUCKET_STEP
     return max(minimum, 1 << max(0, length - 1).bit_length())
 
 
@@ -257,8 +265,9 @@ def prompt_embeddings(params: dict, config: VLMConfig, tokens: np.ndarray, pixel
                       pixel_mask: np.ndarray | None, attn_impl: Implementation = "auto") -> jax.Array:
     """Embeddings [B, P, hidden] of left-padded VLM prompts [B, P] with their image features merged in.
 
-    The real tiles of the padded batch (HF's rule: a tile of all zeros is padding) run through the encoder, their
-    count rounded up to a power of two with blank tiles so that new image counts reuse compiled programs.
+    The real tiles of the padded batch (HF's rule: a tile of all zeros is padding) run through the encoder, and
+    only those: each blank tile would cost a full encoder pass, so a new tile count compiles the (small, scanned)
+    encoder once instead.
     """
     if pixel_values is None:
         return _vlm_embeddings(params, jnp.asarray(tokens), None, None, config, attn_impl)
@@ -271,9 +280,6 @@ def prompt_embeddings(params: dict, config: VLMConfig, tokens: np.ndarray, pixel
     tiles = pixel_values[real]
     masks = np.asarray(pixel_mask, bool)[real]
     smolvlm2.check_image_token_count(tokens, len(tiles), config)
-    bucket = 1 << max(0, len(tiles) - 1).bit_length()
-    tiles = np.concatenate([tiles, np.zeros((bucket - len(tiles),) + tiles.shape[1:], tiles.dtype)])
-    masks = np.concatenate([masks, np.zeros((bucket - len(masks),) + masks.shape[1:], bool)])
     return _vlm_embeddings(params, jnp.asarray(tokens), jnp.asarray(tiles), jnp.asarray(masks), config, attn_impl)
 
 
