@@ -118,7 +118,9 @@ def test_smolvlm2_logits_match_transformers_on_gpu():
     from smoljax.params import vlm_specs
 
     config = preset("SmolVLM2-500M-Video-Instruct")
-    config = config.replace(text=config.text.replace(num_hidden_layers=2), vision=VisionConfig(num_hidden_layers=2))
+    # torch_dtype float32: transformers builds the image-merge buffers in the config's dtype.
+    config = config.replace(text=config.text.replace(num_hidden_layers=2, torch_dtype="float32"),
+                            vision=VisionConfig(num_hidden_layers=2))
     params = init_params(vlm_specs(config), jax.random.key(1))
     hf = transformers.SmolVLMForConditionalGeneration(transformers.SmolVLMConfig(**config.to_hf_dict()))
     hf.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in vlm_params_to_hf(params, config).items()})
