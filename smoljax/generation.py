@@ -129,16 +129,21 @@ decode_step_jit = jax.jit(decode_step, static_argnames=("config", "attn_impl", "
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_ids", "out_length", "cache_length",
-                                             "attn_impl", "unroll_layers", "fuse", "stream"))
+                                             "attn_impl", "unroll_layers", "fuse", "unstack", "stream"))
 def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: jax.Array,
                    max_new_tokens: jax.Array, embeds: jax.Array | None, *, config: LlamaConfig,
                    sampler: TokenSampler,
                    stop_ids: tuple[int, ...], out_length: int, cache_length: int, attn_impl: Implementation,
-                   unroll_layers: bool, fuse: bool, stream: bool) -> tuple[jax.Array, jax.Array]:
+                   unroll_layers: bool, fuse: bool, stream: bool, unstack: bool = False,
+                   ) -> tuple[jax.Array, jax.Array]:
     """Prefill and decode inside one program. Returns new tokens [B, out_length] and counts [B]."""
     batch = tokens.shape[0]
     if fuse:
         params = smollm2.fuse_projections(params)
+    # Unstacked layers are sliced here, once, outside the decode loop (an unrolled decode step; see
+    # `smollm2.unstack_layers`). The prefill keeps the stacked weights and its layer scan.
+    decode_params = smollm2.unstack_layers(params) if unstack else params
+    unroll_layers = unroll_layers or unstack
     cache = init_cache(config, batch, cache_length, params["embed"].dtype, per_layer=unroll_layers)
     logits, cache = prefill(params, tokens, segments, cache, config, attn_impl, embeds)
     next_positions = jnp.sum(segments != 0, axis=1).astype(jnp.int32)
@@ -159,7 +164,7 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
         if stream:
             io_callback(_STREAM_SINK.emit, None, token, done, ordered=True)
         done = done | jnp.isin(token, stop_array)
-        logits, cache = decode_step(params, token, positions, cache, config, attn_impl, unroll_layers)
+        logits, cache = decode_step(decode_params, token, positions, cache, config, attn_impl, unroll_layers)
         return step + 1, cache, logits, positions + 1, done, out, counts, key
 
     state = (jnp.zeros((), jnp.int32), cache, logits, next_positions, jnp.zeros((batch,), bool),
@@ -188,7 +193,7 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
              stop_tokens: Sequence[int] | None = None, truncate: str | None = None,
              pixel_values: np.ndarray | None = None, pixel_attention_mask: np.ndarray | None = None,
              attn_impl: Implementation = "auto", unroll_layers: bool | None = None,
-             fuse_projections: bool | None = None,
+             fuse_projections: bool | None = None, unstack_layers: bool | None = None,
              on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` tokens for each prompt (lists of token ids; lengths may differ).
 
@@ -204,6 +209,9 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
     the default (None) unrolls on accelerators, where a decode step is bound by kernel launches, and not on CPU.
     `fuse_projections` runs q/k/v and gate/up as one matmul each (`smollm2.fuse_projections`), at the cost of a
     second copy of those weights while generating; the default (None) fuses on accelerators.
+    `unstack_layers` slices the stacked layer weights into per-layer buffers once per call, ahead of an unrolled
+    decode loop (`smollm2.unstack_layers`), at the cost of a second copy of the layer weights while generating;
+    the default (None) does so on CPU, where a loop slicing stacked weights copies them on every step.
     """
     vlm_config = config if isinstance(config, VLMConfig) else None
     if vlm_config is not None:
@@ -217,6 +225,8 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
         unroll_layers = jax.default_backend() != "cpu"
     if fuse_projections is None:
         fuse_projections = jax.default_backend() != "cpu"
+    if unstack_layers is None:
+        unstack_layers = jax.default_backend() == "cpu"
     stop_ids = tuple(sorted(set(config.eos_token_ids if stop_tokens is None else stop_tokens)))
     prompt_length = bucket_length(max(len(p) for p in prompts))
     out_length = bucket_length(max_new_tokens)
@@ -237,7 +247,7 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
     compiled = _generate_loop.lower(
         *args, config=config, sampler=sampler, stop_ids=stop_ids, out_length=out_length,
         cache_length=prompt_length + out_length, attn_impl=attn_impl, unroll_layers=unroll_layers,
-        fuse=fuse_projections, stream=on_token is not None).compile()
+        fuse=fuse_projections, unstack=unstack_layers, stream=on_token is not None).compile()
     start = time.perf_counter()
     if on_token is None:
         out, counts = jax.block_until_ready(compiled(*args))

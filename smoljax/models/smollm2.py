@@ -82,6 +82,22 @@ def fuse_projections(params: Params) -> Params:
     return {**params, "layers": layers}
 
 
+def unstack_layers(params: Params) -> Params:
+    """The layers as a list of per-layer trees instead of one tree stacked on a leading axis.
+
+    `decoder_stack` runs a list of layers as straight-line code that reads each layer's own buffers. This is the
+    layout a CPU decode loop wants: inside the loop, XLA:CPU materialises every slice of a stacked weight (the
+    dynamic slice of a scan, or a static slice when unrolled) with a copy on each step, tripling a step's weight
+    traffic. Call it inside jit ahead of the decode loop, where the slicing is done once per call (a second copy of
+    the layer weights while generating).
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)]}
+
+
 def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, config: LlamaConfig):
     """Pre-norm and the q/k/v projections with RoPE. x: [B, T, hidden] -> q [B,T,Hq,D], k, v [B,T,Hkv,D]."""
     normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
@@ -111,7 +127,10 @@ def _output_projection(layer: Params, attn_out: jax.Array) -> jax.Array:
     attn_out = checkpoint_name(attn_out, "attn_out")
     if "o_proj_t" in layer:
         return jnp.einsum("btn,hn->bth", attn_out.reshape(*attn_out.shape[:2], -1), layer["o_proj_t"])
-    return jnp.einsum("btnd,ndh->bth", attn_out, layer["o_proj"])
+    # One [heads * head_dim, hidden] matmul: given the 4-D einsum, XLA:CPU transposed the weight to the attention
+    # output's layout, a copy of all of o_proj on every decode step.
+    o_proj = layer["o_proj"]
+    return attn_out.reshape(*attn_out.shape[:2], -1) @ o_proj.reshape(-1, o_proj.shape[-1])
 
 
 def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, positions: jax.Array,
@@ -122,7 +141,8 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
     x: [B, T, hidden] input embeddings; positions, segments: [B, T] (segment 0 = padding).
     Without a cache the T tokens attend to each other. With a cache they are written at slot `cache.end` and attend
     to everything the cache holds; the returned cache has `end` advanced by T.
-    `unroll` gives one straight-line program (longer compile; faster small decode steps on accelerators).
+    `unroll` gives one straight-line program (longer compile; faster small decode steps on accelerators). Layers
+    given as a list (`unstack_layers`) always run unrolled.
     Returns (hidden states [B, T, hidden] before the final norm, updated cache or None).
     """
     cos, sin = nn.rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
@@ -149,13 +169,16 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
 
     if remat != "none":
         layer_step = jax.checkpoint(layer_step, policy=_remat_policy(remat), prevent_cse=False)
-    if unroll:
-        # A Python loop: each layer gets static slices of the stacked weights and its own cache buffer.
+    unstacked = isinstance(params["layers"], (list, tuple))
+    if unroll or unstacked:
+        # A Python loop: each layer gets its own weights (static slices of the stacked ones, unless already
+        # unstacked) and its own cache buffer.
         k_layers = _as_layer_tuple(cache.k) if cache is not None else None
         v_layers = _as_layer_tuple(cache.v) if cache is not None else None
         new_k, new_v = [], []
         for index in range(config.num_hidden_layers):
-            layer = jax.tree.map(lambda stacked: stacked[index], params["layers"])
+            layer = (params["layers"][index] if unstacked
+                     else jax.tree.map(lambda stacked: stacked[index], params["layers"]))
             layer_kv = (k_layers[index], v_layers[index]) if cache is not None else (None, None)
             (x, k_layer, v_layer), _ = layer_step((x, *layer_kv), (layer, None))
             new_k.append(k_layer)
