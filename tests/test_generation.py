@@ -41,13 +41,15 @@ def test_greedy_equals_full_forward_loop(params):
     assert result.tokens[0] == _greedy_by_full_forward(params, prompt, 12)
 
 
-@pytest.mark.parametrize("unroll, fuse", [(True, False), (False, True), (True, True)])
-def test_decode_layouts_give_the_reference_tokens(params, unroll, fuse):
-    """The accelerator decode path (unrolled layers, per-layer cache buffers, fused [out, in] projections) is a
-    rearrangement of the same math: greedy tokens equal the plain full-forward loop on a ragged batch."""
+@pytest.mark.parametrize("unroll, fuse, unstack", [(False, False, False), (True, False, False),
+                                                   (False, True, False), (True, True, False), (False, False, True)])
+def test_decode_layouts_give_the_reference_tokens(params, unroll, fuse, unstack):
+    """The decode layouts (scan over stacked layers; unrolled layers with per-layer cache buffers; fused [out, in]
+    projections; layers unstacked once per call) rearrange the same math: greedy tokens equal the plain
+    full-forward loop on a ragged batch."""
     prompts = [[5, 17, 33, 9], [40, 41]]
     result = generation.generate(params, CONFIG, prompts, max_new_tokens=10, stop_tokens=[],
-                                 unroll_layers=unroll, fuse_projections=fuse)
+                                 unroll_layers=unroll, fuse_projections=fuse, unstack_layers=unstack)
     assert result.tokens == [_greedy_by_full_forward(params, p, 10) for p in prompts]
 
 
