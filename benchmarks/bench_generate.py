@@ -27,58 +27,21 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Callable
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (benchmarks/harness.py, beside this script)
+
 SEED = 0
 DEFAULT_PRESET = "SmolLM2-135M-Instruct"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _ensure_smoljax_importable() -> None:
-    """Uses the checkout this script lives in when smoljax is not installed (`pip install --no-deps -e .`)."""
-    import importlib.util
-    if importlib.util.find_spec("smoljax") is None and os.path.isdir(os.path.join(REPO_ROOT, "smoljax")):
-        sys.path.insert(0, REPO_ROOT)
 
 
 # ======================================================================================================================
 # Shared helpers (driver and children)
 # ======================================================================================================================
-
-def _read_proc_status(field: str) -> int | None:
-    """A `kB` field of /proc/self/status (VmRSS, VmHWM) in bytes, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0), so the next peak belongs to the phase that follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int | None:
-    peak = _read_proc_status("VmHWM")
-    if peak is None:  # not Linux: ru_maxrss is kB on Linux, bytes on macOS, and never resettable
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = peak if sys.platform == "darwin" else peak * 1024
-    return peak
-
 
 def _random_prompts(batch: int, length: int, vocab_size: int, seed: int = SEED):
     import numpy as np
@@ -87,7 +50,7 @@ def _random_prompts(batch: int, length: int, vocab_size: int, seed: int = SEED):
     return rng.integers(3, vocab_size, size=(batch, length), dtype=np.int64)
 
 
-def _measure(calls: dict[str, Callable[[], Any]], spec: dict[str, Any], memory: "_MemoryProbe") -> dict[str, Any]:
+def _measure(calls: dict[str, Callable[[], Any]], spec: dict[str, Any], memory: "harness.MemoryProbe") -> dict[str, Any]:
     """Times each call: a first call (it compiles), `warmup` untimed calls, then `repeats` timed ones (median).
 
     The first calls and warm-ups of every program run before any timed call, so the memory peak of the timed calls
@@ -224,7 +187,7 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
     params = jax.block_until_ready(jax.device_put(host_params, device))
     del host_params
     gc.collect()
-    memory = _MemoryProbe("jax", device)
+    memory = harness.MemoryProbe("jax", device)
 
     attn_impl = spec["smoljax_attn"]
     gen_kwargs: dict[str, Any] = {"attn_impl": attn_impl}
@@ -303,7 +266,7 @@ def _child_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     gc.collect()
-    memory = _MemoryProbe("torch", device)
+    memory = harness.MemoryProbe("torch", device)
 
     def sync():
         if on_gpu:
@@ -362,66 +325,6 @@ def _child_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-class _MemoryProbe:
-    """Memory once the weights are loaded, the peak of the first (compiling) calls, and the peak of the timed calls.
-
-    CPU: the process's RSS; the high-water mark is reset after loading and again before the timed calls. GPU: the
-    framework allocator's bytes in use and peak; torch's peak is reset the same way, JAX's cannot be, so for smoljax
-    on GPU the driver takes the peak from a second process that loads its programs from the compilation cache."""
-
-    def __init__(self, framework: str, device: Any):
-        self.framework, self.device = framework, device
-        self.kind = "rss"
-        if framework == "jax" and device.platform != "cpu":
-            self.kind = "device"
-        if framework == "torch" and device.type == "cuda":
-            self.kind = "device"
-        self.resettable = self._reset()
-        self.after_load = self._in_use()
-        self.peak_first_calls: int | None = None
-
-    def _reset(self) -> bool:
-        if self.kind == "rss":
-            return _reset_peak_rss()
-        if self.framework == "torch":
-            import torch
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return True
-        return False
-
-    def _in_use(self) -> int | None:
-        if self.kind == "rss":
-            return _read_proc_status("VmRSS")
-        if self.framework == "jax":
-            return (self.device.memory_stats() or {}).get("bytes_in_use")
-        import torch
-        return torch.cuda.memory_allocated(self.device)
-
-    def _peak(self) -> int | None:
-        if self.kind == "rss":
-            return _peak_rss()
-        if self.framework == "jax":
-            return (self.device.memory_stats() or {}).get("peak_bytes_in_use")
-        import torch
-        return torch.cuda.max_memory_allocated(self.device)
-
-    def start_steady(self) -> None:
-        self.peak_first_calls = self._peak()
-        self._reset()
-
-    def finish(self) -> dict[str, Any]:
-        if self.kind == "rss":
-            how = "peak RSS (VmHWM) of the process during the timed calls" if self.resettable \
-                else "peak RSS of the whole process (VmHWM could not be reset)"
-        elif self.framework == "jax":
-            how = "JAX memory_stats peak_bytes_in_use of the whole process (compilation included)"
-        else:
-            how = "torch.cuda.max_memory_allocated during the timed calls"
-        return {"kind": self.kind, "after_load_bytes": self.after_load,
-                "peak_first_calls_bytes": self.peak_first_calls, "peak_bytes": self._peak(), "how": how}
-
-
 def _run_child(spec: dict[str, Any]) -> None:
     if spec.get("cpus"):
         os.sched_setaffinity(0, spec["cpus"])  # before any framework sizes its thread pools
@@ -437,16 +340,6 @@ def _run_child(spec: dict[str, Any]) -> None:
 # ======================================================================================================================
 # Driver
 # ======================================================================================================================
-
-def _parse_int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
 
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
@@ -472,7 +365,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None,
                         help="real weights: a .gguf, a directory with config.json + safetensors, or 'default' "
                              "(bundled SmolLM2-135M-Instruct); omitted: random weights")
-    parser.add_argument("--batch-sizes", type=_parse_int_list, default=None, help="generate batch sizes [1,32]")
+    parser.add_argument("--batch-sizes", type=harness.parse_int_list, default=None, help="generate batch sizes [1,32]")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per row [256]")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row [32]")
     parser.add_argument("--prefill-shapes", type=_parse_shapes, default=None,
@@ -516,35 +409,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.json and os.path.isdir(args.json):
         parser.error(f"--json {args.json} is a directory; give a file path")
     if args.cpus is not None:
-        args.cpus = _parse_cpus(args.cpus, parser)
+        args.cpus = harness.parse_cpus(args.cpus, parser)
     return args
-
-
-def _parse_cpus(text: str, parser: argparse.ArgumentParser) -> list[int]:
-    if not hasattr(os, "sched_setaffinity"):
-        parser.error("--cpus needs Linux (os.sched_setaffinity)")
-    cpus: set[int] = set()
-    try:
-        for part in text.split(","):
-            low, _, high = part.partition("-")
-            cpus.update(range(int(low), int(high or low) + 1))
-    except ValueError:
-        parser.error(f"--cpus expects a list like 0 or 0-3 or 0,2, got {text!r}")
-    available = os.sched_getaffinity(0)
-    if not cpus or not cpus <= available:
-        parser.error(f"--cpus {text} names CPUs this process cannot use; available: {sorted(available)}")
-    return sorted(cpus)
-
-
-def _detect_device() -> str:
-    """gpu when JAX sees a CUDA device. Probed in a child so the driver never takes GPU memory."""
-    probe = ("import os; os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false'); import jax; "
-             "print(any(d.platform == 'gpu' for d in jax.devices()))")
-    try:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-        return "gpu" if out.stdout.strip().endswith("True") else "cpu"
-    except (subprocess.SubprocessError, OSError):
-        return "cpu"
 
 
 def _load_average() -> float | None:
@@ -552,74 +418,6 @@ def _load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
         return None
-
-
-def _machine_busy_seconds() -> float | None:
-    """CPU-seconds all processes on the machine have been busy (from /proc/stat), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _spawn(spec: dict[str, Any], label: str, timeout: float) -> dict[str, Any]:
-    """Runs one child and returns its result, or {'error': ...}; peak RSS from wait4 is added as a cross-check."""
-    fd, result_path = tempfile.mkstemp(suffix=".json", dir=spec["workdir"])
-    os.close(fd)
-    spec = dict(spec, result_path=result_path)
-    print(f"  {label} ...", end="", flush=True, file=sys.stderr)
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        log, _ = proc.communicate()
-        log += f"\n(killed after {timeout:.0f} s: raise --child-timeout)"
-    elapsed = time.perf_counter() - start
-    if proc.returncode == 0 and os.path.getsize(result_path):
-        with open(result_path) as f:
-            result = json.load(f)
-        print(f" {elapsed:.1f} s", file=sys.stderr)
-    else:
-        tail = "\n".join(log.strip().splitlines()[-15:])
-        print(f" FAILED after {elapsed:.1f} s (exit {proc.returncode})\n{tail}", file=sys.stderr)
-        last = tail.splitlines()[-1] if tail else f"exit {proc.returncode}"
-        result = {"error": last}
-    result["wall_s"] = elapsed
-    return result
-
-
-def _fmt(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "—"
-    if unit == "GiB":
-        return f"{value / 2**30:.2f} GiB"
-    if unit == "ms":
-        return f"{value * 1e3:.1f} ms"
-    if unit == "s":
-        return f"{value:.2f} s"
-    return f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
 
 
 def _metrics(task: dict[str, Any], res: dict[str, Any]) -> dict[str, float | None]:
@@ -655,7 +453,7 @@ def _rows(tasks: list[dict[str, Any]], results: dict[str, dict[str, Any]], memor
         ref = results.get(("transformers", task_id), {}).get(key)
         ratio = f"{ours / ref:.2f}×" if ours is not None and ref else "—"
         arrow = "↑" if higher_is_better else "↓"
-        rows.append([f"{name} {arrow}", _fmt(ours, unit), _fmt(ref, unit), ratio])
+        rows.append([f"{name} {arrow}", harness.fmt(ours, unit), harness.fmt(ref, unit), ratio])
 
     for task in tasks:
         tid = task["id"]
@@ -674,13 +472,6 @@ def _rows(tasks: list[dict[str, Any]], results: dict[str, dict[str, Any]], memor
     return rows
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    align = ["---"] + ["---:"] * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _agreement(results: dict, tasks: list[dict[str, Any]]) -> list[str]:
     """How many leading greedy tokens of row 0 the two frameworks share, per generate workload."""
     lines = []
@@ -697,14 +488,14 @@ def _agreement(results: dict, tasks: list[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _ensure_smoljax_importable()
+    harness.use_checkout_if_not_installed()
     args = _parse_args(argv)
     if args.child is not None:
         _run_child(json.loads(args.child))
         return 0
 
     wall_start = time.perf_counter()
-    device = args.device if args.device != "auto" else _detect_device()
+    device = args.device if args.device != "auto" else harness.detect_device()
     dtype = args.dtype or ("bfloat16" if device == "gpu" else "float32")
     warmup = args.warmup if args.warmup is not None else (1 if device == "gpu" else 0)
     repeats = args.repeats if args.repeats is not None else (5 if device == "gpu" else 1)
@@ -719,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: nothing to run: --only transformers, but transformers cannot be imported", file=sys.stderr)
         return 2
     load_before = _load_average()
-    busy_before, own_before = _machine_busy_seconds(), _own_cpu_seconds()
+    busy_before, own_before = harness.machine_busy_seconds(), harness.own_cpu_seconds()
 
     tasks: list[dict[str, Any]] = []
     if not args.skip_generate:
@@ -740,18 +531,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"device {device}, dtype {dtype}, {len(tasks)} workloads x {len(frameworks)} frameworks, "
               f"median of {repeats} after {warmup} warm-up call(s) beyond the first", file=sys.stderr)
-        prepared = _spawn(dict(base, framework="prepare"), "writing weights", args.child_timeout)
+        prepared = harness.spawn(__file__, dict(base, framework="prepare"), "writing weights", args.child_timeout)
         if "error" in prepared:
-            return 1  # _spawn printed the reason
+            return 1  # harness.spawn printed the reason
         for task in tasks:
             for framework in frameworks:
                 spec = dict(base, framework=framework, task=task,
                             jax_cache_dir=os.path.join(workdir, f"jax_cache_{task['id']}"))
-                res = _spawn(spec, f"{framework:12s} {task['id']}", args.child_timeout)
+                res = harness.spawn(__file__, spec, f"{framework:12s} {task['id']}", args.child_timeout)
                 if framework == "smoljax" and device == "gpu" and "error" not in res:
                     # JAX's peak cannot be reset and includes XLA's autotuning buffers from compilation: take the
                     # peak from a second process whose programs come from the compilation cache just written.
-                    again = _spawn(dict(spec, memory_only=True), f"{framework:12s} {task['id']} (memory)",
+                    again = harness.spawn(__file__, dict(spec, memory_only=True), f"{framework:12s} {task['id']} (memory)",
                                    args.child_timeout)
                     if "error" not in again:
                         res["memory"]["peak_with_compilation_bytes"] = res["memory"]["peak_bytes"]
@@ -762,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     total_s = time.perf_counter() - wall_start
-    busy_after, own_after = _machine_busy_seconds(), _own_cpu_seconds()
+    busy_after, own_after = harness.machine_busy_seconds(), harness.own_cpu_seconds()
     others_share = None
     if busy_before is not None and busy_after is not None:
         others = max(0.0, (busy_after - busy_before) - (own_after - own_before))
@@ -772,10 +563,10 @@ def main(argv: list[str] | None = None) -> int:
              for fw in ("smoljax", "transformers")}
     if device == "gpu":
         machine = f"GPU {infos['smoljax'].get('device') or infos['transformers'].get('device', '?')}; " \
-                  f"CPU {_cpu_name()}"
+                  f"CPU {harness.cpu_name()}"
         memory_label = "peak device memory"
     else:
-        machine = f"CPU {_cpu_name()}, {os.cpu_count()} logical cores" + \
+        machine = f"CPU {harness.cpu_name()}, {os.cpu_count()} logical cores" + \
                   (f", benchmark pinned to CPUs {args.cpus}" if args.cpus else "")
         memory_label = "peak RSS (own process)"
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -806,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("; they competed with the benchmark, so absolute CPU figures are pessimistic"
            if device == "cpu" and others_share is not None and others_share > 0.1 else ""),
         "",
-        _markdown_table(header, rows),
+        harness.markdown_table(header, rows),
         "",
         "How to read it:",
         "- **new tok/s, whole call** = batch × new tokens ÷ wall time of one generate() call, prefill included "

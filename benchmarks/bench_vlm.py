@@ -36,59 +36,23 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Callable
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (benchmarks/harness.py, beside this script)
+
 PRESET = "SmolVLM2-500M-Video-Instruct"
 SEED = 0
 TEXT_IDS = (100, 49000)  # random text ids are drawn from this range: ordinary tokens, no special ones
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("vision", "prefill", "decode")
-
-
-def _use_checkout_if_not_installed() -> None:
-    import importlib.util
-    if importlib.util.find_spec("smoljax") is None and os.path.isdir(os.path.join(REPO_ROOT, "smoljax")):
-        sys.path.insert(0, REPO_ROOT)
 
 
 # ======================================================================================================================
 # Helpers shared by the driver and the children
 # ======================================================================================================================
-
-def _status_bytes(field: str) -> int | None:
-    """A `kB` line of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is no procfs."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _clear_rss_peak() -> bool:
-    """Sets VmHWM back to the current RSS (Linux >= 4.0): the next peak then belongs to what runs after."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _rss_peak() -> int | None:
-    peak = _status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    import resource
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return value if sys.platform == "darwin" else value * 1024
-
 
 def make_inputs(tiles: int, text_tokens: int, image_seq_len: int, image_token_id: int, image_size: int,
                 seed: int = SEED):
@@ -108,66 +72,7 @@ def make_inputs(tiles: int, text_tokens: int, image_seq_len: int, image_token_id
     return prompt, pixels, mask
 
 
-class _Memory:
-    """Memory after loading, the peak of the first (compiling) calls, and the peak of the timed calls.
-
-    CPU: the process's RSS, its high-water mark reset after loading and before the timed calls. GPU: the allocator's
-    bytes in use and peak; torch's peak is reset the same way, JAX's cannot be reset (the driver runs a second,
-    memory-only smoljax process for it)."""
-
-    def __init__(self, framework: str, device: Any):
-        self.framework = framework
-        on_device = (device.platform != "cpu") if framework == "jax" else (device.type == "cuda")
-        self.kind = "device" if on_device else "rss"
-        self.device = device
-        self.resettable = self._reset()
-        self.after_load = self._in_use()
-        self.first_calls_peak: int | None = None
-
-    def _reset(self) -> bool:
-        if self.kind == "rss":
-            return _clear_rss_peak()
-        if self.framework == "torch":
-            import torch
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return True
-        return False
-
-    def _in_use(self) -> int | None:
-        if self.kind == "rss":
-            return _status_bytes("VmRSS")
-        if self.framework == "jax":
-            return (self.device.memory_stats() or {}).get("bytes_in_use")
-        import torch
-        return torch.cuda.memory_allocated(self.device)
-
-    def _peak(self) -> int | None:
-        if self.kind == "rss":
-            return _rss_peak()
-        if self.framework == "jax":
-            return (self.device.memory_stats() or {}).get("peak_bytes_in_use")
-        import torch
-        return torch.cuda.max_memory_allocated(self.device)
-
-    def steady(self) -> None:
-        """Called between the compiling calls and the timed ones."""
-        self.first_calls_peak = self._peak()
-        self._reset()
-
-    def report(self) -> dict[str, Any]:
-        if self.kind == "rss":
-            how = ("peak RSS (VmHWM) of the process during the timed calls" if self.resettable
-                   else "peak RSS of the whole process (VmHWM could not be reset)")
-        elif self.framework == "jax":
-            how = "JAX peak_bytes_in_use of the whole process (compilation included)"
-        else:
-            how = "torch.cuda.max_memory_allocated during the timed calls"
-        return {"kind": self.kind, "after_load_bytes": self.after_load, "peak_first_calls_bytes": self.first_calls_peak,
-                "peak_bytes": self._peak(), "how": how}
-
-
-def _time_calls(calls: dict[str, Callable[[], Any]], spec: dict[str, Any], memory: _Memory) -> dict[str, Any]:
+def _time_calls(calls: dict[str, Callable[[], Any]], spec: dict[str, Any], memory: harness.MemoryProbe) -> dict[str, Any]:
     """First call of every program (it compiles), then `warmup` untimed calls each, then `repeats` timed calls each.
 
     Every call waits for its own results (block_until_ready / cuda.synchronize). All first calls and warm-ups come
@@ -184,7 +89,7 @@ def _time_calls(calls: dict[str, Callable[[], Any]], spec: dict[str, Any], memor
                 call()
     if spec.get("memory_only"):
         return out
-    memory.steady()
+    memory.start_steady()
     for name, call in calls.items():
         times = []
         for _ in range(spec["repeats"]):
@@ -260,7 +165,7 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
     params = jax.block_until_ready(jax.device_put(loaded.params, device))
     del loaded
     gc.collect()
-    memory = _Memory("jax", device)
+    memory = harness.MemoryProbe("jax", device)
 
     attn = spec["smoljax_attn"]
     accelerator = jax.default_backend() != "cpu"
@@ -332,7 +237,7 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
         result["shapes"] = {"prompt_tokens": len(prompt), "prompt_bucket": prompt_bucket, "cache_length": cache_length,
                             "tiles": task["tiles"], "tiles_encoded": task["tiles"]}
 
-    result["memory"] = memory.report()
+    result["memory"] = memory.finish()
     result["info"] = {
         "smoljax": getattr(smoljax, "__version__", "?"), "jax": jax.__version__,
         "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"), "backend": jax.default_backend(),
@@ -362,7 +267,7 @@ def _child_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = config.text_config.pad_token_id or 0
     gc.collect()
-    memory = _Memory("torch", device)
+    memory = harness.MemoryProbe("torch", device)
     image_seq_len = int((config.vision_config.image_size // config.vision_config.patch_size) ** 2
                         // config.scale_factor ** 2)
 
@@ -434,7 +339,7 @@ def _child_transformers(spec: dict[str, Any]) -> dict[str, Any]:
             result["row0_tokens"] = sequences[0, len(prompt):].tolist()
         result["shapes"] = {"prompt_tokens": len(prompt), "tiles": task["tiles"]}
 
-    result["memory"] = memory.report()
+    result["memory"] = memory.finish()
     result["info"] = {
         "transformers": transformers.__version__, "torch": torch.__version__,
         "attention": config._attn_implementation,
@@ -462,16 +367,6 @@ def _child_main(spec: dict[str, Any]) -> None:
 # Driver
 # ======================================================================================================================
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _workload_list(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
@@ -491,7 +386,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="weights and compute dtype of both sides; default: float32 on cpu, bfloat16 on gpu")
     parser.add_argument("--workloads", type=_workload_list, default=",".join(WORKLOADS),
                         help="which of vision,prefill,decode to run")
-    parser.add_argument("--vision-tiles", type=_int_list, default=None,
+    parser.add_argument("--vision-tiles", type=harness.parse_int_list, default=None,
                         help="tile counts of the vision workload [17,64; --quick: 2]")
     parser.add_argument("--tiles", type=int, default=None,
                         help="tiles in the prefill/decode prompt; 17 = one image split 4x4 + the global view "
@@ -543,89 +438,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.json and os.path.isdir(args.json):
         parser.error(f"--json {args.json} is a directory; give a file path")
     if args.cpus is not None:
-        args.cpus = _cpu_list(args.cpus, parser)
+        args.cpus = harness.parse_cpus(args.cpus, parser)
     return args
-
-
-def _cpu_list(text: str, parser: argparse.ArgumentParser) -> list[int]:
-    if not hasattr(os, "sched_setaffinity"):
-        parser.error("--cpus needs Linux (os.sched_setaffinity)")
-    cpus: set[int] = set()
-    try:
-        for part in text.split(","):
-            low, _, high = part.partition("-")
-            cpus.update(range(int(low), int(high or low) + 1))
-    except ValueError:
-        parser.error(f"--cpus expects a list like 0 or 0-3 or 0,2, got {text!r}")
-    if not cpus or not cpus <= os.sched_getaffinity(0):
-        parser.error(f"--cpus {text} names CPUs this process cannot use; available: {sorted(os.sched_getaffinity(0))}")
-    return sorted(cpus)
-
-
-def _detect_device() -> str:
-    """gpu when JAX sees a CUDA device, probed in a child so that the driver never holds GPU memory."""
-    probe = ("import os; os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false'); import jax; "
-             "print(any(d.platform == 'gpu' for d in jax.devices()))")
-    try:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    except (subprocess.SubprocessError, OSError):
-        return "cpu"
-    return "gpu" if out.stdout.strip().endswith("True") else "cpu"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU-seconds the whole machine has been busy (/proc/stat), None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:8]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def _spawn(spec: dict[str, Any], label: str, timeout: float) -> dict[str, Any]:
-    """Runs one child; returns its result or {'error': last line of its log}."""
-    fd, result_path = tempfile.mkstemp(suffix=".json", dir=spec["workdir"])
-    os.close(fd)
-    spec = dict(spec, result_path=result_path)
-    print(f"  {label} ...", end="", flush=True, file=sys.stderr)
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        log, _ = proc.communicate()
-        log += f"\n(killed after {timeout:.0f} s: raise --child-timeout)"
-    elapsed = time.perf_counter() - start
-    if proc.returncode == 0 and os.path.getsize(result_path):
-        with open(result_path) as f:
-            result = json.load(f)
-        print(f" {elapsed:.1f} s", file=sys.stderr)
-    else:
-        tail = "\n".join(log.strip().splitlines()[-15:])
-        print(f" FAILED after {elapsed:.1f} s (exit {proc.returncode})\n{tail}", file=sys.stderr)
-        result = {"error": tail.splitlines()[-1] if tail else f"exit {proc.returncode}"}
-    result["wall_s"] = elapsed
-    return result
 
 
 def _metrics(task: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
@@ -654,20 +468,6 @@ def _metrics(task: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fmt(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "—"
-    if unit == "GiB":
-        return f"{value / 2**30:.2f} GiB"
-    if unit == "ms":
-        return f"{value * 1e3:.1f} ms"
-    if unit == "s":
-        return f"{value:.2f} s"
-    if value < 10:
-        return f"{value:.3g}"
-    return f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
-
-
 def _tiles(count: int) -> str:
     return f"{count} tile" + ("" if count == 1 else "s")
 
@@ -690,7 +490,7 @@ def _rows(tasks: list[dict[str, Any]], results: dict[tuple[str, str], dict[str, 
                 speedup = f"{factor:.2f}×"
                 if target:
                     targets.append((target, factor))
-        rows.append([f"{name} {'↑' if higher_is_better else '↓'}", _fmt(ours, unit), _fmt(ref, unit), ratio,
+        rows.append([f"{name} {'↑' if higher_is_better else '↓'}", harness.fmt(ours, unit), harness.fmt(ref, unit), ratio,
                      speedup])
 
     for task in tasks:
@@ -718,11 +518,6 @@ def _rows(tasks: list[dict[str, Any]], results: dict[tuple[str, str], dict[str, 
             add(f"{label}: first call (incl. compile)", "first_call_s", tid, "s", False)
             add(f"{label}: {memory_label}", "peak_bytes", tid, "GiB", False)
     return rows, targets
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def _agreement(tasks: list[dict[str, Any]], results: dict, workdir: str) -> list[str]:
@@ -774,14 +569,14 @@ def _padding_note(shapes: dict[str, Any] | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _use_checkout_if_not_installed()
+    harness.use_checkout_if_not_installed()
     args = _parse_args(argv)
     if args.child is not None:
         _child_main(json.loads(args.child))
         return 0
 
     wall_start = time.perf_counter()
-    device = args.device if args.device != "auto" else _detect_device()
+    device = args.device if args.device != "auto" else harness.detect_device()
     dtype = args.dtype or ("bfloat16" if device == "gpu" else "float32")
     warmup = args.warmup if args.warmup is not None else (1 if device == "gpu" else 0)
     repeats = args.repeats if args.repeats is not None else (3 if device == "gpu" else 1)
@@ -799,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         load_before = round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
         load_before = None
-    busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds()
+    busy_before, own_before = harness.machine_busy_seconds(), harness.own_cpu_seconds()
 
     image_seq_len = 64  # corrected from the prepared model below; only used for labels
     tasks: list[dict[str, Any]] = []
@@ -821,9 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device {device}, dtype {dtype}, workloads {','.join(t['id'] for t in tasks)} x "
               f"{len(frameworks)} frameworks, median of {repeats} after {warmup} warm-up call(s) beyond the first",
               file=sys.stderr)
-        prepared = _spawn(dict(base, framework="prepare"), "writing weights", args.child_timeout)
+        prepared = harness.spawn(__file__, dict(base, framework="prepare"), "writing weights", args.child_timeout)
         if "error" in prepared:
-            return 1  # _spawn printed why
+            return 1  # harness.spawn printed why
         image_seq_len = prepared["image_seq_len"]
         for task in tasks:
             if task["kind"] != "vision":
@@ -831,11 +626,11 @@ def main(argv: list[str] | None = None) -> int:
             for framework in frameworks:
                 spec = dict(base, framework=framework, task=task,
                             jax_cache_dir=os.path.join(workdir, f"jax_cache_{task['id']}"))
-                res = _spawn(spec, f"{framework:12s} {task['id']}", args.child_timeout)
+                res = harness.spawn(__file__, spec, f"{framework:12s} {task['id']}", args.child_timeout)
                 if framework == "smoljax" and device == "gpu" and "error" not in res and not args.skip_memory_pass:
                     # JAX's peak cannot be reset and holds XLA's autotuning buffers from compiling: take it from
                     # a second process whose programs come from the compilation cache just written.
-                    again = _spawn(dict(spec, memory_only=True), f"{framework:12s} {task['id']} (memory)",
+                    again = harness.spawn(__file__, dict(spec, memory_only=True), f"{framework:12s} {task['id']} (memory)",
                                    args.child_timeout)
                     if "error" not in again:
                         res["memory"]["peak_with_compilation_bytes"] = res["memory"]["peak_bytes"]
@@ -847,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     total_s = time.perf_counter() - wall_start
-    busy_after, own_after = _busy_cpu_seconds(), _own_cpu_seconds()
+    busy_after, own_after = harness.machine_busy_seconds(), harness.own_cpu_seconds()
     others_share = None
     if busy_before is not None and busy_after is not None:
         others = max(0.0, (busy_after - busy_before) - (own_after - own_before))
@@ -857,10 +652,10 @@ def main(argv: list[str] | None = None) -> int:
              for fw in ("smoljax", "transformers")}
     sj, hf = infos["smoljax"], infos["transformers"]
     if device == "gpu":
-        machine = f"GPU {sj.get('device') or hf.get('device', '?')}; CPU {_cpu_name()}"
+        machine = f"GPU {sj.get('device') or hf.get('device', '?')}; CPU {harness.cpu_name()}"
         memory_label = "peak device memory"
     else:
-        machine = (f"CPU {_cpu_name()}, {os.cpu_count()} logical cores"
+        machine = (f"CPU {harness.cpu_name()}, {os.cpu_count()} logical cores"
                    + (f", benchmark pinned to CPUs {args.cpus}" if args.cpus else ""))
         memory_label = "peak RSS (own process)"
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -896,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("; they competed with the benchmark, so absolute CPU figures are pessimistic"
            if device == "cpu" and others_share is not None and others_share > 0.1 else ""),
         "",
-        _markdown_table(header, rows),
+        harness.markdown_table(header, rows),
         "",
     ]
     if targets:
