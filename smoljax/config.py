@@ -42,11 +42,9 @@ class LlamaConfig:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not _is_positive_int(value):
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+        _check_positive_ints(self, "config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "head_dim",
+                                              "max_position_embeddings"))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
@@ -169,6 +167,13 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _check_positive_ints(config: Any, what: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not _is_positive_int(value):
+            raise ConfigError(f"{what} field {name} must be a positive integer, got {value!r}")
+
+
 def _require(hf: dict[str, Any], key: str) -> Any:
     if key not in hf:
         raise ConfigError(f"config.json lacks {key!r}; it is needed to build the model")
@@ -211,11 +216,9 @@ class VisionConfig:
     model_type: str = "smolvlm_vision"
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_channels", "image_size", "patch_size"):
-            value = getattr(self, name)
-            if not _is_positive_int(value):
-                raise ConfigError(f"vision config field {name} must be a positive integer, got {value!r}")
+        _check_positive_ints(self, "vision config", ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                     "num_attention_heads", "num_channels", "image_size",
+                                                     "patch_size"))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"vision hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                               f"({self.num_attention_heads})")
