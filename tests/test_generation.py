@@ -41,8 +41,8 @@ def test_greedy_equals_full_forward_loop(params):
     assert result.tokens[0] == _greedy_by_full_forward(params, prompt, 12)
 
 
-@pytest.mark.parametrize("unroll, fuse, unstack", [(False, False, False), (True, False, False),
-                                                   (False, True, False), (True, True, False), (False, False, True)])
+# (True, True, False) is the accelerator default and the CPU default (unstacked) runs in the test above.
+@pytest.mark.parametrize("unroll, fuse, unstack", [(False, False, False), (True, True, False), (False, True, True)])
 def test_decode_layouts_give_the_reference_tokens(params, unroll, fuse, unstack):
     """The decode layouts (scan over stacked layers; unrolled layers with per-layer cache buffers; fused [out, in]
     projections; layers unstacked once per call) rearrange the same math: greedy tokens equal the plain
