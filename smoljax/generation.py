@@ -134,7 +134,7 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
                    max_new_tokens: jax.Array, embeds: jax.Array | None, *, config: LlamaConfig,
                    sampler: TokenSampler,
                    stop_ids: tuple[int, ...], out_length: int, cache_length: int, attn_impl: Implementation,
-                   unroll_layers: bool, fuse: bool, stream: bool, unstack: bool = False,
+                   unroll_layers: bool, fuse: bool, unstack: bool, stream: bool,
                    ) -> tuple[jax.Array, jax.Array]:
     """Prefill and decode inside one program. Returns new tokens [B, out_length] and counts [B]."""
     batch = tokens.shape[0]

@@ -13,7 +13,6 @@ Videos are lists of frames: each frame is one global tile (no splitting), announ
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -28,6 +27,7 @@ import PIL.Image
 import PIL.ImageOps
 
 from smoljax.errors import CheckpointError, ConfigError, InputError
+from smoljax.jsonfiles import read_json_object
 from smoljax.tokenizer import Tokenizer
 
 __all__ = [
@@ -246,16 +246,7 @@ def _read_json_object(directory: Path, name: str) -> dict:
     """The JSON object in `directory/name`, {} when that file is absent."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory: pass a SmolVLM2 model directory")
-    path = directory / name
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); re-download or re-save it") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, not {type(value).__name__}")
-    return value
+    return read_json_object(directory / name)
 
 
 # ---- loading images ----------------------------------------------------------------------------------------------

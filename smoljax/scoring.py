@@ -20,7 +20,12 @@ def sequence_logprobs(params: dict, tokens: jax.Array, segment_ids: jax.Array, c
                       attn_impl: Implementation = "auto") -> jax.Array:
     """log p(tokens[:, t] | tokens[:, :t]) for t >= 1. tokens, segment_ids: [B, T] -> f32 [B, T - 1]."""
     logits = smollm2.forward(params, tokens, config, segment_ids=segment_ids, attn_impl=attn_impl)
-    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    return _next_token_logprobs(logits[:, :-1], tokens)
+
+
+def _next_token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log p(tokens[:, t + 1]) from the logits [B, T - 1, V] at positions 0..T-2. tokens: [B, T] -> [B, T - 1]."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
@@ -48,8 +53,7 @@ def _vlm_sequence_logprobs(params: dict, tokens: jax.Array, embeds: jax.Array, c
     segments = jnp.ones(tokens.shape, jnp.int32)
     hidden, _ = smollm2.decoder_stack(params, embeds, config, positions=smollm2.segment_positions(segments),
                                       segments=segments, attn_impl=attn_impl)
-    log_probs = jax.nn.log_softmax(smollm2.lm_logits(params, hidden[:, :-1], config), axis=-1)
-    return jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    return _next_token_logprobs(smollm2.lm_logits(params, hidden[:, :-1], config), tokens)
 
 
 def vlm_token_logprobs(params: dict, config: VLMConfig, tokens: Sequence[int], pixel_values: np.ndarray,

@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 from smoljax.errors import CheckpointError, InputError, SmolJaxError
+from smoljax.jsonfiles import read_json_object, write_json
 
 # llama.cpp's `tokenizer.ggml.token_type` values that mark tokens matched whole in the text.
 GGUF_CONTROL_TOKEN = 3
@@ -92,7 +93,7 @@ class Tokenizer:
             raise CheckpointError(
                 f"{tokenizer_file} is not a valid tokenizer.json ({reason}); re-download or re-save it"
             ) from None
-        config = _read_json_object(directory / "tokenizer_config.json")
+        config = read_json_object(directory / "tokenizer_config.json")
         return cls(
             backend,
             **{role: _token_content(config.get(role)) for role in SPECIAL_TOKEN_ROLES},
@@ -220,8 +221,8 @@ class Tokenizer:
         }
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _write_json(directory / "tokenizer_config.json", config)
-        _write_json(directory / "special_tokens_map.json", self.special_tokens_map())
+        write_json(directory / "tokenizer_config.json", config)
+        write_json(directory / "special_tokens_map.json", self.special_tokens_map())
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
@@ -311,7 +312,7 @@ def _chat_template_in_dir(directory: Path, config: Mapping[str, Any]) -> str | N
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
-    legacy = _read_json_object(directory / "chat_template.json")
+    legacy = read_json_object(directory / "chat_template.json")
     return _default_template(legacy.get("chat_template", config.get("chat_template")))
 
 
@@ -321,22 +322,6 @@ def _default_template(template: str | list | None) -> str | None:
         named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, Mapping)}
         return named.get("default")
     return template
-
-
-def _read_json_object(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); re-download or re-save it") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, not {type(value).__name__}")
-    return value
-
-
-def _write_json(path: Path, value: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ---- chat template environment (mirrors transformers' `_compile_jinja_template`) ----------------------------------

@@ -141,8 +141,10 @@ def save_pretrained(directory: str | os.PathLike, config: LlamaConfig | VLMConfi
         if tokenizer is not None:
             tokenizer.save(staging)
         if processor is not None:
-            _write_json(staging / "preprocessor_config.json", processor.image_config.to_hf_dict())
-            _write_json(staging / "processor_config.json", {"image_seq_len": processor.image_seq_len})
+            from smoljax.jsonfiles import write_json
+
+            write_json(staging / "preprocessor_config.json", processor.image_config.to_hf_dict())
+            write_json(staging / "processor_config.json", {"image_seq_len": processor.image_seq_len})
         write_safetensors(directory, tensors, max_shard_bytes=max_shard_bytes)
         for staged in sorted(staging.iterdir()):
             os.replace(staged, directory / staged.name)
@@ -151,10 +153,3 @@ def save_pretrained(directory: str | os.PathLike, config: LlamaConfig | VLMConfi
     return directory
 
 
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    import json
-
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
