@@ -1,4 +1,4 @@
-"""The `smoljax` command: generate, chat, score, convert, info.
+"""The `smoljax` command: generate, chat, score, convert, info, train, export.
 
 User errors print one line to stderr and exit with status 2, with no traceback. `--json` output is a contract that
 scripts rely on; see the README.
@@ -73,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="the config and a parameter count by component")
     _add_model_flags(info)
+
+    train = commands.add_parser("train", help="run a training recipe (a YAML file, see configs/)")
+    train.add_argument("recipe", help="the recipe YAML file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="override a recipe value (dotted keys, YAML values), e.g. --set steps=100 "
+                            "--set optimizer.learning_rate=1e-4; repeatable")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+
+    export = commands.add_parser("export", help="write a training run's weights as an HF model directory")
+    export.add_argument("run_dir", help="the run's out_dir")
+    export.add_argument("--out", help="directory to write (default: RUN_DIR/export)")
+    export.add_argument("--step", type=int, help="checkpoint step to export (default: the newest)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="stored dtype (default f32)")
     return parser
 
 
@@ -320,8 +333,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from smoljax.training.recipe import load_recipe
+    from smoljax.training.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    metrics = train(recipe, resume=args.resume)
+    summary = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()
+                        if key in ("loss", "grad_norm", "tokens_per_s", "mfu"))
+    print(f"trained {recipe.out_dir} to step {recipe.steps}" + (f": {summary}" if summary else ""))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from smoljax.training.trainer import export_run
+
+    written = export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype)
+    print(f"wrote {written}")
+    return 0
+
+
 COMMANDS: dict[str, Any] = {"generate": cmd_generate, "chat": cmd_chat, "score": cmd_score,
-                            "convert": cmd_convert, "info": cmd_info}
+                            "convert": cmd_convert, "info": cmd_info, "train": cmd_train, "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from smoljax.errors import ConfigError
@@ -56,3 +57,61 @@ def partition_spec(spec: ParamSpec, mesh: Mesh, rules: Mapping[str, Any]) -> Par
 def param_shardings(specs: Any, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES) -> Any:
     """A tree of NamedSharding matching the spec tree, for `jax.device_put` or jit's `out_shardings`."""
     return jax.tree.map(lambda s: NamedSharding(mesh, partition_spec(s, mesh, rules)), specs, is_leaf=is_spec)
+
+
+# ---- meshes for training ------------------------------------------------------------------------------------------
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Any = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) over `devices` (default: all of them, across every host).
+
+    data: replicas that each hold whole parameters; fsdp: shards parameters (and optimizer state) along "embed"
+    and the batch too; tensor: splits heads, the MLP and the vocabulary. data * fsdp * tensor must equal the number
+    of devices; -1 for one axis takes whatever is left.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ConfigError(f"mesh axis {name!r} must be a positive integer (or -1 for the rest), got {size!r}")
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"only one mesh axis may be -1, got {fill}")
+    known = 1
+    for size in sizes.values():
+        known *= size if size != -1 else 1
+    if fill:
+        if len(devices) % known:
+            raise ConfigError(f"{len(devices)} devices do not divide over the fixed mesh axes (product {known})")
+        sizes[fill[0]] = len(devices) // known
+    total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+    if total != len(devices):
+        raise ConfigError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {total} "
+                          f"devices, but {len(devices)} are available; make the product equal the device count")
+    grid = np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
+    return Mesh(grid, MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch rows split over data and fsdp (every array of a batch has rows first); replicated over tensor."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh, accum_steps: int = 1) -> None:
+    """Raises ConfigError unless each micro-batch's rows split evenly over the data x fsdp devices."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % accum_steps or (batch_size // accum_steps) % shards:
+        raise ConfigError(f"batch_size {batch_size} with accum_steps {accum_steps} gives micro-batches of "
+                          f"{batch_size / accum_steps:g} rows, which do not split over data x fsdp = {shards} "
+                          "devices; make batch_size a multiple of accum_steps * data * fsdp")
+
+
+def optimizer_state_shardings(optimizer: Any, opt_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for an optax state: the moments follow their parameters; counters and the like are replicated."""
+    import optax
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _state, sharding: sharding, opt_state, params_shardings,
+                                 transform_non_params=lambda _leaf: replicated)
