@@ -194,13 +194,19 @@ def _tokenize_chat(messages: list, tokenizer: Tokenizer, assistant_only_loss: bo
         return ids, np.ones(len(ids), bool)
     mask = np.zeros(len(ids), bool)
     starts, ends = np.asarray(encoding.offsets, np.int64).reshape(-1, 2).T
-    for start, end in assistant_spans(messages, tokenizer, text):
+    for start, end in assistant_spans(messages, _template_renderer(tokenizer), text):
         mask |= (starts < end) & (ends > start)  # tokens overlapping the assistant's characters
     return ids, mask
 
 
-def assistant_spans(messages: list, tokenizer: Tokenizer, text: str) -> list[tuple[int, int]]:
-    """Character spans `[start, end)` of the assistant turns in `text`, the full rendering of `messages`.
+def _template_renderer(tokenizer: Tokenizer) -> Callable[[list, bool], str]:
+    return lambda messages, add_generation_prompt: tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(messages: list, render: Callable[[list, bool], str], text: str) -> list[tuple[int, int]]:
+    """Character spans `[start, end)` of the assistant turns in `text`, the full rendering of `messages` by
+    `render(messages, add_generation_prompt)` (a tokenizer's or a VLM processor's chat template).
 
     Found from the template itself: rendering `messages[:i]` with the generation prompt gives the text before turn
     i's content; rendering `messages[:i + 1]` ends after its end-of-turn token (trailing whitespace not included).
@@ -210,8 +216,8 @@ def assistant_spans(messages: list, tokenizer: Tokenizer, text: str) -> list[tup
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or message.get("role") != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        before = render(messages[:i], True)
+        through = render(messages[: i + 1], False)
         if not (text.startswith(before) and text.startswith(through) and len(through) >= len(before)):
             raise InputError(
                 "the chat template does not render conversation prefixes as prefixes of the whole conversation, "
