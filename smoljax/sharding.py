@@ -6,6 +6,7 @@ names to mesh axes; the sharding of every parameter follows from its spec, so in
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
@@ -79,17 +80,12 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Any = None
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:
         raise ConfigError(f"only one mesh axis may be -1, got {fill}")
-    known = 1
-    for size in sizes.values():
-        known *= size if size != -1 else 1
-    if fill:
-        if len(devices) % known:
-            raise ConfigError(f"{len(devices)} devices do not divide over the fixed mesh axes (product {known})")
-        sizes[fill[0]] = len(devices) // known
-    total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
-    if total != len(devices):
-        raise ConfigError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {total} "
-                          f"devices, but {len(devices)} are available; make the product equal the device count")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if fill and len(devices) % fixed == 0:
+        sizes[fill[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ConfigError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} does not fit the {len(devices)} "
+                          "available devices; make the product equal the device count (-1 on one axis takes the rest)")
     grid = np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
     return Mesh(grid, MESH_AXES)
 

@@ -86,6 +86,11 @@ def init_state(trained: Any, optimizer: optax.GradientTransformation, seed: int 
                       jax.random.PRNGKey(seed))
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """The f32 L2 norm of all leaves together."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)))
+
+
 def split_microbatches(batch: dict[str, Any], accum_steps: int) -> dict[str, Any]:
     """Every array [N, ...] -> [accum_steps, N / accum_steps, ...] (rows, or image tiles, split evenly)."""
     def split(x):
@@ -135,7 +140,7 @@ def make_train_step(config: LlamaConfig | VLMConfig, optimizer: optax.GradientTr
         total, sums, grads = summed_gradients(state.params, frozen, batch)
         tokens = jnp.maximum(sums.tokens, 1.0)
         grads = jax.tree.map(lambda g: g / tokens, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = global_norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
