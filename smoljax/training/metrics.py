@@ -58,12 +58,15 @@ class MetricsLogger:
     """Appends one JSON line per logged step to `<run>/metrics.jsonl`, mirrors it to TensorBoard when
     `tensorboardX` or `torch.utils.tensorboard` is installed and wanted, and shows a progress bar on stderr."""
 
-    def __init__(self, run_dir: str | os.PathLike, total_steps: int, *, start_step: int = 0,
+    def __init__(self, run_dir: str | os.PathLike | None, total_steps: int, *, start_step: int = 0,
                  tensorboard: bool = True, progress: bool = True, stream: TextIO = sys.stderr) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
-        self._writer = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
+        """run_dir None: log nothing (the processes other than 0 of a multi-host run)."""
+        self._file = None
+        if run_dir is not None:
+            path = Path(run_dir) / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8")
+        self._writer = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard and run_dir else None
         self._bar = None
         if progress:
             from tqdm import tqdm
@@ -72,8 +75,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{key: _plain(value) for key, value in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._write(record)
         if self._writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -81,14 +83,20 @@ class MetricsLogger:
         if self._bar is not None and "loss" in record:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(steps)
 
     def write_text(self, step: int, name: str, text: str) -> None:
         """A text record (e.g. a sample generation): into metrics.jsonl and above the progress bar."""
-        self._file.write(json.dumps({"step": step, name: text}) + "\n")
-        self._file.flush()
+        if self._file is None:
+            return
+        self._write({"step": step, name: text})
         message = f"[step {step}] {name}: {text!r}"
         if self._bar is not None:
             self._bar.write(message)
@@ -100,7 +108,8 @@ class MetricsLogger:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _plain(value: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,28 @@ def to_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> di
 # ---- the run ----------------------------------------------------------------------------------------------------------
 
 
+def initialize_distributed() -> None:
+    """Joins a multi-host job when the environment describes one; a single process does nothing.
+
+    `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`) names the coordinator explicitly;
+    otherwise JAX's own cluster detection covers SLURM (`SLURM_NTASKS` > 1), Open MPI and Cloud TPU pods.
+    """
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        try:
+            jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                       num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                       process_id=int(env["JAX_PROCESS_ID"]))
+        except (KeyError, ValueError):
+            raise ConfigError("JAX_COORDINATOR_ADDRESS needs JAX_NUM_PROCESSES and JAX_PROCESS_ID (integers) on "
+                              "every host") from None
+        return
+    several_tasks = int(env.get("SLURM_NTASKS", "1") or 1) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    if several_tasks or tpu_pod:
+        jax.distributed.initialize()
+
+
 def train(recipe: Recipe, *, resume: bool = False, stream=sys.stderr) -> dict[str, Any]:
     """Runs a recipe to `recipe.steps`; with `resume`, continues from the newest checkpoint in `out_dir`.
     Returns the last logged metrics."""
@@ -218,6 +241,7 @@ def train(recipe: Recipe, *, resume: bool = False, stream=sys.stderr) -> dict[st
     from smoljax.training.metrics import MetricsLogger, Throughput, decoder_flops_per_token, device_peak_flops
     from smoljax.training.step import make_train_step, metrics_to_host
 
+    initialize_distributed()
     out_dir = Path(recipe.out_dir)
     checkpoint_dir = out_dir / CHECKPOINT_DIR
     if not resume and checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
@@ -241,8 +265,10 @@ def train(recipe: Recipe, *, resume: bool = False, stream=sys.stderr) -> dict[st
     step_fn = jax.jit(make_train_step(setup.model.config, setup.optimizer, setup.schedule, setup.options,
                                       setup.lora),
                       donate_argnums=0, out_shardings=(setup.state_shardings, replicated))
-    logger = MetricsLogger(out_dir, recipe.steps, start_step=start, tensorboard=recipe.log.tensorboard,
-                           progress=recipe.log.progress, stream=stream)
+    is_main = jax.process_index() == 0
+    logger = MetricsLogger(out_dir if is_main else None, recipe.steps, start_step=start,
+                           tensorboard=recipe.log.tensorboard and is_main, progress=recipe.log.progress and is_main,
+                           stream=stream)
     throughput = Throughput(decoder_flops_per_token(setup.model.config, recipe.data.seq_len),
                             device_peak_flops(), jax.device_count())
     last: dict[str, Any] = {}
