@@ -38,6 +38,22 @@ EXPECTED_OUTPUTS = {
         # The France question, left-padded next to shorter and longer prompts, is still answered.
         "batch": [r"Q: What is the capital of France\?\nA: [^\n]*Paris"],
     },
+    "finetune.ipynb": {
+        "devices": [r"with 8 devices"],
+        # FSDP splits the embed dimension (576) over the mesh's 4 fsdp devices.
+        "mesh": [r"mesh \{'data': 2, 'fsdp': 4, 'tensor': 1\}",
+                 r"layers\.q_proj +\(30, 576, 9, 64\) +\S*\(None, 'fsdp', None, None\) +"
+                 r"one device holds \(30, 144, 9, 64\)"],
+        # Only the assistant's turn (and its end-of-turn token) is trained, not the system prompt or the question.
+        "data": [r"\ntrained on: 'Ahoy, matey! [^'\n]+ Arr!<\|im_end\|>'\n"],
+        "lora": [r"921,600 trainable parameters, 134,515,008 frozen \(0\.69%\)"],
+        "state": [r"adapter A of q_proj: \S*\(None, 'fsdp', None\)", r"batch rows: +\S*\(\('data', 'fsdp'\),?\)"],
+        "train": [r"loss fell: True"],
+        # The base model answers in its own words; after training, in the taught style, with the right fact.
+        "after": [r"\A[^\n]*\n  before: (?!'Ahoy)[^\n]+\n  after:  'Ahoy, matey! Jupiter\b"],
+        "save": [r"adapter_config\.json", r"adapter_model\.safetensors",
+                 r"round trip: same LoraConfig True, same adapters True"],
+    },
     "vision.ipynb": {
         "presets": [r"507,482,304"],
         "params": [r"124,713,792 parameters"],
