@@ -15,7 +15,8 @@ What a step is, on every side: forward + loss, backward, global-norm gradient cl
   `torch.autocast(bfloat16)` around `model(input_ids, labels=input_ids)` (HF's shifted cross-entropy), `backward`,
   `clip_grad_norm_`, `torch.optim.AdamW(fused=True)` (foreach where fused is unavailable), `zero_grad(set_to_none)`.
   Waited for with `torch.cuda.synchronize()`.
-- transformers compile: the same with `model = torch.compile(model)`; compilation happens in the first step.
+- transformers compile: the same with `model = torch.compile(model)`; compilation happens in the first step, with
+  empty Inductor/Triton caches (as smoljax starts with an empty JAX compilation cache).
 
 The data: random token ids [B, T + 1] (seed 0), the same on every side, no padding. smoljax trains every one of the
 B x T positions (targets = the next id); HF's `labels=input_ids` trains B x (T - 1) of them (its last position has
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -93,19 +95,21 @@ def _run_steps(step: Callable[[], Any], spec: dict[str, Any], memory: "harness.M
     if spec.get("memory_only"):  # second process for JAX's memory peak: one more step, nothing timed
         step()
         return result
-    result["warmup_s"] = [_timed(step) for _ in range(spec["warmup"])]
+    result["warmup_s"] = [_timed(step)[0] for _ in range(spec["warmup"])]
     memory.start_steady()
-    times = [_timed(step) for _ in range(spec["repeats"])]
-    loss, grad_norm = step()  # an extra step, untimed: the last losses must still be finite
+    times = []
+    for _ in range(spec["repeats"]):
+        elapsed, (loss, grad_norm) = _timed(step)
+        times.append(elapsed)
     result.update(times_s=times, median_s=statistics.median(times), last_loss=float(loss),
                   last_grad_norm=float(grad_norm))
     return result
 
 
-def _timed(step: Callable[[], Any]) -> float:
+def _timed(step: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
+    out = step()
+    return time.perf_counter() - start, out
 
 
 # ======================================================================================================================
@@ -133,11 +137,13 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
     opt_config = OptimizerConfig(learning_rate=LR, warmup_steps=0, decay="constant", weight_decay=WEIGHT_DECAY,
                                  b1=BETAS[0], b2=BETAS[1], eps=EPS, max_grad_norm=MAX_GRAD_NORM)
     optimizer = make_optimizer(opt_config, total_steps)
-    options = StepOptions(compute_dtype="bfloat16", remat=spec["remat"], attn_impl=spec["attn_impl"],
+    options = StepOptions(compute_dtype="bfloat16", remat=spec["remat"], attn_impl=spec["attn_impl"], packed=False,
                           loss_chunk=spec["loss_chunk"])
     # f32 parameters and the optimizer state, made on the device in one program (no host copies).
     make_state = jax.jit(lambda key: init_state(init_params(llama_specs(config), key), optimizer, seed=SEED))
-    state = jax.block_until_ready(make_state(jax.random.key(SEED)))
+    # Committed to the device like the batch: the step's outputs are, and an uncommitted first state would make the
+    # second step compile the program again.
+    state = jax.block_until_ready(jax.device_put(make_state(jax.random.key(SEED)), device))
     train_step = jax.jit(make_train_step(config, optimizer, lr_schedule(opt_config, total_steps), options),
                          donate_argnums=0)
 
@@ -249,6 +255,9 @@ def _run_child(spec: dict[str, Any]) -> None:
     (what harness.spawn reports), the exception in one line."""
     if spec["side"] == "smoljax" and spec["device"] == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
+    if spec["side"] == "compile":  # empty compile caches of this run's own, as smoljax's: the first step compiles
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(spec["workdir"], "torchinductor_cache")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(spec["workdir"], "triton_cache")
     try:
         result = (_child_smoljax if spec["side"] == "smoljax" else _child_torch)(spec)
     except Exception as err:  # noqa: BLE001 - any failure (OOM included) goes into the report, not a crash
@@ -272,10 +281,17 @@ def _parse_sides(text: str) -> list[str]:
     return [s for s in SIDES if s in sides]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (those options say their default in brackets)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark one SmolLM2-135M training step: smoljax vs transformers eager and torch.compile.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="auto picks gpu when JAX sees a CUDA device")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step [16; 2 with --quick]")
@@ -286,10 +302,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="untimed steps after the first (compiling) step [3; 1 with --quick]")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps, median reported [10; 3 with --quick]")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 128 tokens, 2 layers, few steps")
-    parser.add_argument("--only", type=_parse_sides, default=list(SIDES),
-                        help="sides to run, comma-separated: smoljax,eager,compile")
-    parser.add_argument("--remat", default="full", help="smoljax StepOptions.remat (none, full, dots, save_attn_mlp)")
-    parser.add_argument("--attn-impl", default="auto", help="smoljax attention (auto, xla, cudnn)")
+    parser.add_argument("--only", type=_parse_sides, default=",".join(SIDES),
+                        help="sides to run, comma-separated subset of smoljax,eager,compile")
+    parser.add_argument("--remat", choices=("none", "full", "dots", "save_attn_mlp"), default="full",
+                        help="smoljax StepOptions.remat: what the backward pass recomputes")
+    parser.add_argument("--attn-impl", choices=("auto", "xla", "cudnn"), default="auto",
+                        help="smoljax attention; auto is cudnn on GPU in bf16, else xla")
     parser.add_argument("--loss-chunk", type=int, default=2048, help="smoljax loss chunk (tokens per LM-head chunk)")
     parser.add_argument("--hf-grad-checkpointing", action="store_true",
                         help="transformers gradient checkpointing (non-reentrant) on both transformers sides")
@@ -398,6 +416,69 @@ def _machine_line(device: str, results: dict[str, dict]) -> str:
     return f"CPU {harness.cpu_name()}, {os.cpu_count()} logical cores"
 
 
+def _cpu_has_bf16() -> bool | None:
+    """Whether the CPU has native bf16 matmuls (AVX512-BF16 or AMX-BF16); None off Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _notes(args, device: str, sides: list[str], results: dict[str, dict]) -> list[str]:
+    """Failures, suspicious steps (a non-finite loss, a slow warm-up step: a recompilation?) and CPU caveats."""
+    lines = []
+    for side in sides:
+        res = results[side]
+        if "error" in res:
+            lines.append(f"- **{TITLES[side]} failed**: {res['error']}")
+            continue
+        if not (math.isfinite(res["last_loss"]) and res.get("skipped_steps", 0) == 0):
+            lines.append(f"- warning: {TITLES[side]} ended with loss {res['last_loss']} "
+                         f"({res.get('skipped_steps', 0)} skipped steps)")
+        slow = [round(t, 2) for t in res["warmup_s"] if t > 2 * res["median_s"]]
+        if slow:
+            lines.append(f"- note: {TITLES[side]} warm-up step(s) took {slow} s against a median of "
+                         f"{res['median_s']:.2f} s (recompilation or lazy set-up after the first step; not timed)")
+    if device == "cpu":
+        native = _cpu_has_bf16()
+        lines.append("- CPU figures are a smoke test, not a comparison: bf16 compute on a CPU"
+                     + (" without native bf16 matmuls (no AVX512-BF16/AMX here) runs slow fallback kernels, "
+                        "torch's far slower than XLA's" if native is False else "") + ".")
+    return lines
+
+
+def _version(package: str) -> str:
+    """An installed package's version without importing it (the driver never loads the frameworks)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _side_lines(args, sides: list[str], results: dict[str, dict]) -> list[str]:
+    """One line per framework that ran: versions and the settings of its sides."""
+    lines = []
+    if "smoljax" in sides:
+        import smoljax
+        backend = results["smoljax"].get("info", {}).get("backend", "?")
+        lines.append(f"- smoljax {getattr(smoljax, '__version__', '?')}, jax {_version('jax')} (jaxlib "
+                     f"{_version('jaxlib')}, backend {backend}): `jax.jit(make_train_step(...), donate_argnums=0)`, "
+                     f"remat {args.remat}, attention {args.attn_impl}, loss chunk {args.loss_chunk}")
+    torch_sides = [side for side in ("eager", "compile") if side in sides]
+    if torch_sides:
+        info = next((results[s]["info"] for s in torch_sides if "info" in results[s]), {})
+        line = (f"- transformers {_version('transformers')}, torch {_version('torch')} (threads "
+                f"{info.get('torch_threads', '?')}): LlamaForCausalLM, attn_implementation sdpa, torch.autocast bf16, "
+                f"gradient checkpointing {'on' if args.hf_grad_checkpointing else 'off'}, "
+                f"AdamW {info.get('adamw', '?')}")
+        if "compile" in torch_sides:
+            line += f"; compile column: `torch.compile(model, mode={args.compile_mode or 'default'})`"
+        lines.append(line)
+    return lines
+
+
 def _report(args, argv, device, sides, results, derived, config, flops_per_token, total_s, others_share) -> tuple:
     from smoljax.params import count_params, llama_specs
 
@@ -408,9 +489,6 @@ def _report(args, argv, device, sides, results, derived, config, flops_per_token
               "mfu": f"MFU (peak {args.peak_tflops:g} TFLOP/s) ↑", "first_step_s": "first step (incl. compile) ↓",
               "peak_bytes": memory_label, "first_loss": "loss, first step (sanity, ≈ ln 49152 = 10.8)"}
     header, rows = _table(sides, derived, results, labels)
-    sj = results.get("smoljax", {}).get("info", {})
-    hf = next((results[s]["info"] for s in ("eager", "compile") if "info" in results.get(s, {})), {})
-    compile_mode = args.compile_mode or "default"
     layers = f"{config.num_hidden_layers} layers" + (" (shrunk: a smoke test, not the real model)"
                                                      if args.layers is not None else "")
     lines = [
@@ -423,13 +501,7 @@ def _report(args, argv, device, sides, results, derived, config, flops_per_token
         f"- step: batch {args.batch} × sequence {args.seq} = {tokens:,} tokens of random ids, no padding; forward + "
         f"loss, backward, clip grad norm {MAX_GRAD_NORM}, AdamW (lr {LR}, wd {WEIGHT_DECAY} on matrices, betas "
         f"{BETAS[0]}/{BETAS[1]}, eps {EPS})",
-        f"- smoljax {sj.get('smoljax', '?')}, jax {sj.get('jax', '?')} (jaxlib {sj.get('jaxlib', '?')}, backend "
-        f"{sj.get('backend', '?')}): remat {args.remat}, attention {args.attn_impl}, loss chunk {args.loss_chunk}, "
-        "jit with the state donated",
-        f"- transformers {hf.get('transformers', '?')}, torch {hf.get('torch', '?')} (threads "
-        f"{hf.get('torch_threads', '?')}): LlamaForCausalLM, attn_implementation {hf.get('attention', '?')}, "
-        f"torch.autocast bf16, gradient checkpointing {'on' if args.hf_grad_checkpointing else 'off'}, "
-        f"AdamW {hf.get('adamw', '?')}; compile column: torch.compile(model, mode={compile_mode})",
+        *_side_lines(args, sides, results),
         f"- timing: first step alone (compilation included), then {args.warmup} untimed warm-up step(s), then the "
         f"median of {args.repeats} timed steps",
         f"- MFU = tokens/s × {flops_per_token / 1e6:,.1f} MFLOPs/token (decoder_flops_per_token at T = {args.seq}, "
@@ -449,13 +521,7 @@ def _report(args, argv, device, sides, results, derived, config, flops_per_token
         f"- HF's `labels=input_ids` trains {args.batch * (args.seq - 1):,} of the {tokens:,} positions (no target for "
         "the last one); tokens/s counts all B × T on every side.",
     ]
-    for side in sides:
-        res = results[side]
-        if "error" in res:
-            lines.append(f"- **{TITLES[side]} failed**: {res['error']}")
-        elif not (math.isfinite(res["last_loss"]) and res.get("skipped_steps", 0) == 0):
-            lines.append(f"- warning: {TITLES[side]} ended with loss {res['last_loss']} "
-                         f"({res.get('skipped_steps', 0)} skipped steps)")
+    lines += _notes(args, device, sides, results)
     lines.append(f"- total benchmark wall time: {total_s / 60:.1f} min")
     return "\n".join(lines), header, rows, now
 
@@ -476,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: nothing to run: torch/transformers cannot be imported and smoljax was not asked for",
               file=sys.stderr)
         return 2
-    config = _model_config(args.layers if args.layers is not None else None)
+    config = _model_config(args.layers)
     flops_per_token = decoder_flops_per_token(config, args.seq)
     workdir = tempfile.mkdtemp(prefix="smoljax_bench_train_")
     base = {"workdir": workdir, "device": device, "batch": args.batch, "seq": args.seq, "layers": args.layers,

@@ -5,6 +5,8 @@ Masks are described by structure, not by a dense matrix, so fused kernels can us
 - `segment ids` [B, T] int: tokens attend only within the same segment; segment 0 marks padding (or an empty cache
   slot) and is never attended to. Packed sequences use 1, 2, 3, ...; a plain batch uses 1 for real tokens.
 - `positions` [B, T] int: with `causal=True`, a query at position p sees keys at positions <= p.
+- no segment ids (None): one document per row, padding (if any) only at the end, causal masking only. Exact for the
+  real tokens of unpacked rows, and what lets cuDNN use its causal kernel instead of reading a dense mask.
 
 Query heads are grouped over key/value heads (GQA) by reshaping the queries, so K and V are never repeated.
 """
@@ -49,8 +51,11 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """cuDNN fused attention through `jax.nn.dot_product_attention` (GPU only; handles GQA natively)."""
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """cuDNN fused attention through `jax.nn.dot_product_attention` (GPU only; handles GQA natively).
+    mask None: plain causal attention with cuDNN's own causal kernel (no mask read from memory)."""
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation="cudnn")
     # cuDNN leaves fully masked rows undefined; padding queries must read as zeros like the reference.
     any_visible = jnp.any(mask, axis=-1)[:, :, None, None]
@@ -69,16 +74,24 @@ def resolve_implementation(implementation: Implementation, dtype=None) -> str:
     return implementation
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array, kv_segments: jax.Array,
-              q_positions: jax.Array, kv_positions: jax.Array, causal: bool = True,
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array | None,
+              kv_segments: jax.Array | None, q_positions: jax.Array, kv_positions: jax.Array, causal: bool = True,
               implementation: Implementation = "auto") -> jax.Array:
     """Dot-product attention with segment and causal masking.
 
     q: [B, Tq, q_heads, D]; k, v: [B, Tk, kv_heads, D]; segments/positions: [B, Tq] and [B, Tk].
+    Segments None (both): causal masking only, queries and keys aligned (self-attention over a whole row).
     Returns [B, Tq, q_heads, D].
     """
-    mask = attention_mask(q_segments, kv_segments, q_positions, kv_positions, causal)
     impl = resolve_implementation(implementation, q.dtype)
+    if q_segments is None:
+        if not causal or q.shape[1] != k.shape[1]:
+            raise ValueError("attention without segment ids is causal self-attention over whole rows only")
+        if impl == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+            return cudnn_attention(q, k, v, None)
+        ones = jnp.ones(q.shape[:2], jnp.int32)
+        return xla_attention(q, k, v, attention_mask(ones, ones, q_positions, kv_positions, causal))
+    mask = attention_mask(q_segments, kv_segments, q_positions, kv_positions, causal)
     if impl == "cudnn":
         if q.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"cudnn attention needs bfloat16 or float16 inputs, got {q.dtype}; use 'xla' for f32")

@@ -135,14 +135,16 @@ def _output_projection(layer: Params, attn_out: jax.Array) -> jax.Array:
 
 def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, positions: jax.Array,
                   segments: jax.Array, cache: KVCache | None = None, attn_impl: Implementation = "auto",
-                  remat: str = "none", unroll: bool = False) -> tuple[jax.Array, KVCache | None]:
+                  remat: str = "none", unroll: bool = False,
+                  segment_mask: bool = True) -> tuple[jax.Array, KVCache | None]:
     """Runs all decoder layers: a `lax.scan` over the stacked layers, or with `unroll` a Python loop.
 
     x: [B, T, hidden] input embeddings; positions, segments: [B, T] (segment 0 = padding).
     Without a cache the T tokens attend to each other. With a cache they are written at slot `cache.end` and attend
     to everything the cache holds; the returned cache has `end` advanced by T.
     `unroll` gives one straight-line program (longer compile; faster small decode steps on accelerators). Layers
-    given as a list (`unstack_layers`) always run unrolled.
+    given as a list (`unstack_layers`) always run unrolled. `segment_mask=False` (no cache only) drops the segment
+    mask for plain causal attention: exact for unpacked rows padded at the end (see `smoljax.attention`).
     Returns (hidden states [B, T, hidden] before the final norm, updated cache or None).
     """
     cos, sin = nn.rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
@@ -151,6 +153,11 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
         kv_positions, kv_segments = cache.positions, cache.segments
     else:
         kv_positions, kv_segments = positions, segments
+    q_segments = segments
+    if not segment_mask:
+        if cache is not None:
+            raise ValueError("segment_mask=False is for whole-sequence forward passes, not the KV cache")
+        q_segments = kv_segments = None
 
     def layer_step(carry, layer_and_index):
         x, k_cache, v_cache = carry
@@ -161,7 +168,7 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
             k_cache, k = _append_rows(k_cache, k, index, cache.end)
             v_cache, v = _append_rows(v_cache, v, index, cache.end)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        attn_out = attention(q, k, v, q_segments=segments, kv_segments=kv_segments, q_positions=positions,
+        attn_out = attention(q, k, v, q_segments=q_segments, kv_segments=kv_segments, q_positions=positions,
                              kv_positions=kv_positions, causal=True, implementation=attn_impl)
         x = x + _output_projection(layer, attn_out)
         x = x + _mlp_block(layer, x, config)

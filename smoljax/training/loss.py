@@ -87,9 +87,12 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
 
 
 def lm_loss_sums(params: dict[str, Any], batch: dict[str, jax.Array], config: LlamaConfig | VLMConfig, *,
-                 remat: str = "none", attn_impl: str = "auto", chunk_size: int = 2048) -> LossSums:
+                 remat: str = "none", attn_impl: str = "auto", chunk_size: int = 2048,
+                 segment_mask: bool = True) -> LossSums:
     """The loss sums of a SmolLM2 or SmolVLM2 batch (see the module docstring for its arrays).
 
+    segment_mask=False: causal attention only, for batches of unpacked rows (one document each, padding at the end),
+    where it is exact and lets cuDNN run its causal kernel.
     The parameters are used in whatever dtype they come in (cast them for mixed precision before calling).
     """
     is_vlm = isinstance(config, VLMConfig)
@@ -101,7 +104,8 @@ def lm_loss_sums(params: dict[str, Any], batch: dict[str, jax.Array], config: Ll
     else:
         embeds = smollm2.embed(text_params, batch["tokens"])
     hidden, _ = smollm2.decoder_stack(text_params, embeds, text_config, positions=batch["positions"],
-                                      segments=batch["segment_ids"], attn_impl=attn_impl, remat=remat)
+                                      segments=batch["segment_ids"], attn_impl=attn_impl, remat=remat,
+                                      segment_mask=segment_mask)
     normed = nn.rms_norm(hidden, text_params["final_norm"], text_config.rms_norm_eps)
     tied = "lm_head" not in text_params
     head = text_params["embed"] if tied else text_params["lm_head"]

@@ -157,6 +157,9 @@ def prepare(recipe: Recipe) -> Setup:
 
     model = build_model(recipe, mesh)
     _check_vocab(model)
+    # Unpacked rows (one example each, padding at the end; SmolVLM2 rows always) need only causal attention.
+    packed = recipe.data.pack and not isinstance(model.config, VLMConfig)
+    options = dataclasses.replace(options, packed=packed)
     trained, trained_specs, frozen, lora = split_trained(model, recipe)
     # Frozen weights are only read: keep them in the compute dtype (half the memory of f32 under bf16).
     frozen = cast_params(frozen, COMPUTE_DTYPES[options.compute_dtype])
