@@ -43,7 +43,8 @@ class Checkpointer:
                                                          data=ocp.args.JsonSave(data_state)))
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
+        """The newest checkpoint's step, or None. It may still be being written by this process's async save:
+        `restore` waits for that save to finish first. Checkpoints cut off by a crash are never listed."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -32,16 +33,25 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
             raise ConfigError(f"optimizer.decay must be one of {DECAYS}, got {self.decay!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"optimizer.learning_rate must be positive, got {self.learning_rate!r}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"optimizer.max_grad_norm must be positive or null, got {self.max_grad_norm!r}")
+        checks = {
+            "learning_rate": (self.learning_rate, "a finite number > 0", lambda v: v > 0),
+            "min_lr_ratio": (self.min_lr_ratio, "a number in [0, 1]", lambda v: 0 <= v <= 1),
+            "weight_decay": (self.weight_decay, "a finite number >= 0", lambda v: v >= 0),
+            "b1": (self.b1, "a number in [0, 1)", lambda v: 0 <= v < 1),
+            "b2": (self.b2, "a number in [0, 1)", lambda v: 0 <= v < 1),
+            "eps": (self.eps, "a finite number > 0", lambda v: v > 0),
+        }
+        if self.max_grad_norm is not None:
+            checks["max_grad_norm"] = (self.max_grad_norm, "a finite number > 0 or null", lambda v: v > 0)
+        for name, (value, wanted, valid) in checks.items():
+            if not _is_finite_number(value) or not valid(value):
+                raise ConfigError(f"optimizer.{name} must be {wanted}, got {value!r}")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def lr_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:

@@ -63,8 +63,9 @@ class StepOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.z_loss_weight < 0:
-            raise ConfigError(f"z_loss_weight must be >= 0, got {self.z_loss_weight!r}")
+        weight = self.z_loss_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise ConfigError(f"z_loss_weight must be a finite number >= 0, got {weight!r}")
 
 
 def assemble_params(trained: dict, frozen: dict, lora: Any = None) -> dict:
