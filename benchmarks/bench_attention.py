@@ -5,8 +5,8 @@
 
 Times `jax.grad` of sum(attention(q, k, v)) (forward + backward, bf16, 9 query heads over 3 KV heads, head_dim 64)
 for each implementation behind `smoljax.attention`, plus cuDNN told only "causal" (no segment mask), which is what
-an unpacked batch needs. Reports ms per call and TFLOP/s counting causal attention FLOPs (2 matmuls forward, 5 in the
-backward pass... i.e. 3.5x the forward's 4*T*T*D/2 per head).
+an unpacked batch needs. Reports ms per call and TFLOP/s: causal attention's forward FLOPs are 4 * T * T * D / 2 per
+head (QK^T and PV over half the score matrix); the backward pass adds 2.5 times that, so a call counts 3.5 times.
 """
 
 from __future__ import annotations
