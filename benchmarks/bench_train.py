@@ -273,14 +273,6 @@ def _run_child(spec: dict[str, Any]) -> None:
 # Driver
 # ======================================================================================================================
 
-def _parse_sides(text: str) -> list[str]:
-    sides = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in sides if s not in SIDES]
-    if unknown or not sides:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(SIDES)}, got {text!r}")
-    return [s for s in SIDES if s in sides]
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None ones (those options say their default in brackets)."""
 
@@ -302,7 +294,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="untimed steps after the first (compiling) step [3; 1 with --quick]")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps, median reported [10; 3 with --quick]")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 128 tokens, 2 layers, few steps")
-    parser.add_argument("--only", type=_parse_sides, default=",".join(SIDES),
+    parser.add_argument("--only", type=harness.comma_subset(SIDES), default=",".join(SIDES),
                         help="sides to run, comma-separated subset of smoljax,eager,compile")
     parser.add_argument("--remat", choices=("none", "full", "dots", "save_attn_mlp"), default="full",
                         help="smoljax StepOptions.remat: what the backward pass recomputes")

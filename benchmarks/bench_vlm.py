@@ -367,14 +367,6 @@ def _child_main(spec: dict[str, Any]) -> None:
 # Driver
 # ======================================================================================================================
 
-def _workload_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"workloads are {','.join(WORKLOADS)}; got {text!r}")
-    return [w for w in WORKLOADS if w in names]
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=f"Benchmark smoljax against HF transformers on {PRESET} (random weights, real shapes): "
@@ -384,7 +376,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto picks gpu when JAX sees a CUDA device")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="weights and compute dtype of both sides; default: float32 on cpu, bfloat16 on gpu")
-    parser.add_argument("--workloads", type=_workload_list, default=",".join(WORKLOADS),
+    parser.add_argument("--workloads", type=harness.comma_subset(WORKLOADS), default=",".join(WORKLOADS),
                         help="which of vision,prefill,decode to run")
     parser.add_argument("--vision-tiles", type=harness.parse_int_list, default=None,
                         help="tile counts of the vision workload [17,64; --quick: 2]")

@@ -26,6 +26,16 @@ def use_checkout_if_not_installed() -> None:
         sys.path.insert(0, REPO_ROOT)
 
 
+def comma_subset(allowed: tuple[str, ...] | list[str]):
+    """An argparse `type` for a comma-separated, non-empty subset of `allowed`, returned in `allowed`'s order."""
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        if not names or any(name not in allowed for name in names):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        return [name for name in allowed if name in names]
+    return parse
+
+
 def read_proc_status(field: str) -> int | None:
     """A `kB` field of /proc/self/status (VmRSS, VmHWM) in bytes, or None off Linux."""
     try:

@@ -231,14 +231,12 @@ def test_every_recipe_reads_and_takes_out_dir_and_steps(path, tmp_path):
     recipe = load_recipe(path, [f"out_dir={tmp_path}", "steps=7"])
     assert recipe.out_dir == str(tmp_path) and recipe.steps == 7
     # The sections build the library's own configs (their checks run too).
-    from smoljax.training.optimizer import OptimizerConfig
     from smoljax.training.step import StepOptions
     from smoljax.training.trainer import data_config
     from smoljax.training.data import validate_data_config
     import dataclasses
 
     StepOptions(**dataclasses.asdict(recipe.train))
-    OptimizerConfig(**dataclasses.asdict(recipe.optimizer))
     validate_data_config(data_config(recipe))
 
 

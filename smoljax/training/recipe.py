@@ -3,10 +3,10 @@
     model:      {source: HuggingFaceTB/SmolLM2-135M-Instruct}      # pretrained weights (hub id, HF dir, .gguf)
                 {preset: SmolLM2-135M, tokenizer: ..., overrides: {num_hidden_layers: 4}}   # from scratch
     data:       {source: data.jsonl, seq_len: 2048, batch_size: 16, ...}   (smoljax.training.data.DataConfig)
-    optimizer:  {learning_rate: 3e-4, warmup_steps: 100, decay: cosine, ...}   (OptimizerConfig)
+    optimizer:  {learning_rate: 3e-4, warmup_steps: 100, decay: cosine, ...}   (optimizer.OptimizerConfig)
     train:      {compute_dtype: bfloat16, remat: full, accum_steps: 1, ...}    (StepOptions)
     mesh:       {data: 1, fsdp: -1, tensor: 1}
-    lora:       {rank: 8, alpha: 16, targets: [q_proj, v_proj]}   # or null: full fine-tuning
+    lora:       {rank: 8, alpha: 16, targets: [q_proj, v_proj]}   # lora.LoraConfig, or null: full fine-tuning
     freeze:     [vision]                                           # top-level parts left untrained
     checkpoint: {every: 500, keep: 3, async_save: true}
     log:        {every: 10, tensorboard: true, progress: true}
@@ -30,6 +30,8 @@ from typing import Any
 import yaml
 
 from smoljax.errors import ConfigError
+from smoljax.training.lora import LoraConfig
+from smoljax.training.optimizer import OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +67,6 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerSection:
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    decay: str = "cosine"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainSection:
     compute_dtype: str = "bfloat16"
     remat: str = "full"
@@ -92,13 +81,6 @@ class MeshSection:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSection:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +112,10 @@ class Recipe:
     steps: int = 1000
     seed: int = 0
     data: DataSection = DataSection()
-    optimizer: OptimizerSection = OptimizerSection()
+    optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainSection = TrainSection()
     mesh: MeshSection = MeshSection()
-    lora: LoraSection | None = None
+    lora: LoraConfig | None = None
     freeze: tuple[str, ...] = ()
     checkpoint: CheckpointSection = CheckpointSection()
     log: LogSection = LogSection()

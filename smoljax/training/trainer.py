@@ -126,9 +126,9 @@ def split_trained(model: Model, recipe: Recipe) -> tuple[dict, Any, dict, Any]:
         raise ConfigError(f"freeze names {unknown[0]!r}, which this model does not have; "
                           f"its parts are {sorted(model.params)}")
     if recipe.lora is not None:
-        from smoljax.training.lora import LoraConfig, lora_specs
+        from smoljax.training.lora import lora_specs
 
-        lora = LoraConfig(rank=recipe.lora.rank, alpha=recipe.lora.alpha, targets=recipe.lora.targets)
+        lora = recipe.lora
         text_config = model.config.text if isinstance(model.config, VLMConfig) else model.config
         adapter_specs = lora_specs(text_config, lora)
         adapters = init_params(adapter_specs, jax.random.PRNGKey(recipe.seed + 1))
@@ -144,13 +144,13 @@ def prepare(recipe: Recipe) -> Setup:
     """Checks the recipe's values, then builds the mesh, the model, the optimizer and a fresh sharded state."""
     from smoljax.params import cast_params
     from smoljax.sharding import check_batch_divides, make_mesh
-    from smoljax.training.data import DataConfig, validate_data_config
-    from smoljax.training.optimizer import OptimizerConfig, lr_schedule, make_optimizer
+    from smoljax.training.data import validate_data_config
+    from smoljax.training.optimizer import lr_schedule, make_optimizer
     from smoljax.training.step import COMPUTE_DTYPES, StepOptions, init_state, state_shardings
 
     # Cheap checks first: a bad value stops the run before any weights are read.
     options = StepOptions(**dataclasses.asdict(recipe.train))
-    optimizer_config = OptimizerConfig(**dataclasses.asdict(recipe.optimizer))
+    optimizer_config = recipe.optimizer
     validate_data_config(data_config(recipe))
     mesh = make_mesh(recipe.mesh.data, recipe.mesh.fsdp, recipe.mesh.tensor)
     check_batch_divides(recipe.data.batch_size, mesh, options.accum_steps)
