@@ -150,7 +150,6 @@ def prepare(recipe: Recipe) -> Setup:
 
     # Cheap checks first: a bad value stops the run before any weights are read.
     options = StepOptions(**dataclasses.asdict(recipe.train))
-    optimizer_config = recipe.optimizer
     validate_data_config(data_config(recipe))
     mesh = make_mesh(recipe.mesh.data, recipe.mesh.fsdp, recipe.mesh.tensor)
     check_batch_divides(recipe.data.batch_size, mesh, options.accum_steps)
@@ -163,8 +162,8 @@ def prepare(recipe: Recipe) -> Setup:
     trained, trained_specs, frozen, lora = split_trained(model, recipe)
     # Frozen weights are only read: keep them in the compute dtype (half the memory of f32 under bf16).
     frozen = cast_params(frozen, COMPUTE_DTYPES[options.compute_dtype])
-    optimizer = make_optimizer(optimizer_config, recipe.steps)
-    schedule = lr_schedule(optimizer_config, recipe.steps)
+    optimizer = make_optimizer(recipe.optimizer, recipe.steps)
+    schedule = lr_schedule(recipe.optimizer, recipe.steps)
     state = init_state(trained, optimizer, recipe.seed)
     shardings = state_shardings(state, trained_specs, optimizer, mesh)
     state = jax.device_put(state, shardings)
@@ -250,8 +249,8 @@ def train(recipe: Recipe, *, resume: bool = False, stream=sys.stderr) -> dict[st
     if not resume and checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
         raise ConfigError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, or set a new "
                           "out_dir")
-    if resume:
-        recipe = _resumable_recipe(recipe, out_dir)
+    if resume and not (out_dir / RECIPE_FILE).is_file():
+        raise ConfigError(f"nothing to resume in {out_dir}: it has no {RECIPE_FILE}; run without --resume")
     setup = prepare(recipe)
     batches = make_batches(setup)
     checkpointer = Checkpointer(checkpoint_dir, keep=recipe.checkpoint.keep, async_save=recipe.checkpoint.async_save)
@@ -293,13 +292,6 @@ def train(recipe: Recipe, *, resume: bool = False, stream=sys.stderr) -> dict[st
         checkpointer.close()
         logger.close()
     return last
-
-
-def _resumable_recipe(recipe: Recipe, out_dir: Path) -> Recipe:
-    saved = out_dir / RECIPE_FILE
-    if not saved.is_file():
-        raise ConfigError(f"nothing to resume in {out_dir}: it has no {RECIPE_FILE}; run without --resume")
-    return recipe
 
 
 def _write_recipe(recipe: Recipe, out_dir: Path) -> None:
