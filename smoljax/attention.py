@@ -13,13 +13,38 @@ Query heads are grouped over key/value heads (GQA) by reshaping the queries, so 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["auto", "xla", "cudnn"]  # auto: cudnn on GPU in bf16/f16, else xla
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+Implementation = Literal["auto", "xla", "cudnn", "pallas"]
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+
+# The kinds of attention the models run, which the dispatch tells apart because the fastest kernel differs:
+#   causal         self-attention, one document per row (no segment ids): training on unpacked rows, scoring
+#   packed         causal self-attention with segment ids: packed training rows, padded batches
+#   bidirectional  the vision encoder: every query sees every real key
+#   prefill        several new tokens against a KV cache (generation's prompt)
+#   decode         one new token per row against a KV cache
+KINDS = ("causal", "packed", "bidirectional", "prefill", "decode")
+
+# What "auto" picks on a GPU for bf16/f16 inputs, by kind; BENCHMARKS.md ("Attention kernels") has the timings
+# behind each entry. TPUs always get the Pallas kernels; CPUs (and f32 on GPUs) the XLA reference.
+GPU_AUTO = {"causal": "cudnn", "packed": "pallas", "bidirectional": "cudnn", "prefill": "pallas",
+            "decode": "pallas"}
+
+
+class CacheView(NamedTuple):
+    """Where new queries sit in a KV cache whose slots are in token order (see `smoljax.cache`).
+
+    q_offset: [] int, the slot of the first new token; kv_start, kv_end: [B] int, each row's live slots
+    [start, end) once the new tokens are written (left padding before start, unwritten slots from end on).
+    """
+
+    q_offset: jax.Array
+    kv_start: jax.Array
+    kv_end: jax.Array
 
 
 def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_positions: jax.Array,
@@ -62,38 +87,86 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     return jnp.where(any_visible, out, jnp.zeros_like(out))
 
 
-def resolve_implementation(implementation: Implementation, dtype=None) -> str:
-    """Turns 'auto' into the implementation to use on the default backend: cuDNN's fused attention on a GPU for
-    bf16/f16 inputs (it never writes the [Tq, Tk] scores to memory, which the vision encoder's 1024-patch tiles
-    otherwise do), the XLA reference everywhere else."""
+def attention_kind(q_len: int, causal: bool, segmented: bool, cache: CacheView | None) -> str:
+    """Which of `KINDS` a call is."""
+    if cache is not None:
+        return "decode" if q_len == 1 else "prefill"
+    if not causal:
+        return "bidirectional"
+    return "packed" if segmented else "causal"
+
+
+def resolve_implementation(implementation: Implementation, dtype=None, kind: str = "packed") -> str:
+    """Turns 'auto' into the implementation for the default backend: on a GPU in bf16/f16 the fastest kernel for
+    `kind` (`GPU_AUTO`), on a TPU the Pallas kernels, elsewhere the XLA reference."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
-    if implementation == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
-    return implementation
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "pallas"
+    if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+        return GPU_AUTO[kind]
+    return "xla"
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array | None,
+                     kv_segments: jax.Array | None, causal: bool, cache: CacheView | None) -> jax.Array:
+    """The Pallas kernels: Triton on GPUs, Mosaic on TPUs, the Pallas interpreter elsewhere (slow; for tests).
+
+    Shapes as in `attention`. On TPUs a prefill against a cache (queries offset into the keys) has no kernel and
+    runs the XLA reference.
+    """
+    backend = jax.default_backend()
+    interpret = backend not in ("gpu", "tpu")
+    if backend == "tpu":
+        from smoljax.kernels import tpu_attention
+        if cache is not None and q.shape[1] == 1:
+            return tpu_attention.decode_attention_tpu(q[:, 0], k, v, kv_segments, cache.kv_start,
+                                                      cache.kv_end)[:, None]
+        if cache is None:
+            return tpu_attention.flash_attention_tpu(q, k, v, q_segments=q_segments, kv_segments=kv_segments,
+                                                     causal=causal)
+        return None
+    if cache is not None and q.shape[1] == 1:
+        from smoljax.kernels.decode_attention import decode_attention
+        return decode_attention(q[:, 0], k, v, kv_segments, cache.kv_start, cache.kv_end,
+                                interpret=interpret)[:, None]
+    from smoljax.kernels.flash_attention import flash_attention
+    return flash_attention(q, k, v, q_segments=q_segments, kv_segments=kv_segments, causal=causal,
+                           q_offset=0 if cache is None else cache.q_offset, interpret=interpret)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array | None,
               kv_segments: jax.Array | None, q_positions: jax.Array, kv_positions: jax.Array, causal: bool = True,
-              implementation: Implementation = "auto") -> jax.Array:
-    """Dot-product attention with segment and causal masking.
+              implementation: Implementation = "auto", cache: CacheView | None = None) -> jax.Array:
+    """Dot-product attention with segment and causal masking, through the implementation `implementation` names
+    (`auto`: the fastest correct one for the backend, dtype and kind of call).
 
     q: [B, Tq, q_heads, D]; k, v: [B, Tk, kv_heads, D]; segments/positions: [B, Tq] and [B, Tk].
     Segments None (both): causal masking only, queries and keys aligned (self-attention over a whole row).
+    cache: given when k/v are a KV cache (Tk slots) that the Tq new tokens were just written into.
     Returns [B, Tq, q_heads, D].
     """
-    impl = resolve_implementation(implementation, q.dtype)
-    if q_segments is None:
-        if not causal or q.shape[1] != k.shape[1]:
-            raise ValueError("attention without segment ids is causal self-attention over whole rows only")
-        if impl == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+    segmented = q_segments is not None
+    if not segmented and (not causal or q.shape[1] != k.shape[1] or cache is not None):
+        raise ValueError("attention without segment ids is causal self-attention over whole rows only")
+    impl = resolve_implementation(implementation, q.dtype, attention_kind(q.shape[1], causal, segmented, cache))
+    if impl == "pallas":
+        out = pallas_attention(q, k, v, q_segments=q_segments, kv_segments=kv_segments, causal=causal,
+                               cache=cache)
+        if out is not None:
+            return out
+        impl = "xla"
+    if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"cudnn attention needs bfloat16 or float16 inputs, got {q.dtype}; use 'xla' for f32")
+    if not segmented:
+        if impl == "cudnn":
             return cudnn_attention(q, k, v, None)
         ones = jnp.ones(q.shape[:2], jnp.int32)
         return xla_attention(q, k, v, attention_mask(ones, ones, q_positions, kv_positions, causal))
     mask = attention_mask(q_segments, kv_segments, q_positions, kv_positions, causal)
     if impl == "cudnn":
-        if q.dtype not in (jnp.bfloat16, jnp.float16):
-            raise ValueError(f"cudnn attention needs bfloat16 or float16 inputs, got {q.dtype}; use 'xla' for f32")
         return cudnn_attention(q, k, v, mask)
     return xla_attention(q, k, v, mask)

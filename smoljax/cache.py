@@ -15,6 +15,16 @@ import jax.numpy as jnp
 from smoljax.config import LlamaConfig
 
 
+# Cache lengths are rounded up to whole blocks of the decode attention kernel (`whole_blocks`), which then reads
+# the buffers in place instead of padding a copy.
+CACHE_BLOCK = 64
+
+
+def whole_blocks(tokens: int) -> int:
+    """Slots to allocate for `tokens` tokens: the next multiple of `CACHE_BLOCK` (extra slots stay empty)."""
+    return -(-tokens // CACHE_BLOCK) * CACHE_BLOCK
+
+
 class KVCache(NamedTuple):
     # K and V rows: one stacked [layers, B, S, kv_heads, head_dim] array (what `lax.scan` over layers needs), or a
     # tuple of per-layer [B, S, kv_heads, head_dim] arrays (unrolled decoding: each layer's kernels then read their

@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from smoljax.attention import Implementation
-from smoljax.cache import KVCache, init_cache
+from smoljax.cache import KVCache, init_cache, whole_blocks
 from smoljax.config import LlamaConfig, VLMConfig
 from smoljax.errors import InputError
 from smoljax.models import smollm2, smolvlm2
@@ -246,7 +246,7 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
             embeds)
     compiled = _generate_loop.lower(
         *args, config=config, sampler=sampler, stop_ids=stop_ids, out_length=out_length,
-        cache_length=prompt_length + out_length, attn_impl=attn_impl, unroll_layers=unroll_layers,
+        cache_length=whole_blocks(prompt_length + out_length), attn_impl=attn_impl, unroll_layers=unroll_layers,
         fuse=fuse_projections, unstack=unstack_layers, stream=on_token is not None).compile()
     start = time.perf_counter()
     if on_token is None:

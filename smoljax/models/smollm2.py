@@ -14,7 +14,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from smoljax import nn
-from smoljax.attention import Implementation, attention
+from smoljax.attention import CacheView, Implementation, attention
 from smoljax.cache import KVCache, write_metadata
 from smoljax.config import LlamaConfig
 from smoljax.errors import InputError
@@ -148,9 +148,11 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
     Returns (hidden states [B, T, hidden] before the final norm, updated cache or None).
     """
     cos, sin = nn.rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+    view = None
     if cache is not None:
         cache = write_metadata(cache, positions, segments)
         kv_positions, kv_segments = cache.positions, cache.segments
+        view = cache_view(cache, x.shape[1])
     else:
         kv_positions, kv_segments = positions, segments
     q_segments = segments
@@ -169,7 +171,7 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
             v_cache, v = _append_rows(v_cache, v, index, cache.end)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         attn_out = attention(q, k, v, q_segments=q_segments, kv_segments=kv_segments, q_positions=positions,
-                             kv_positions=kv_positions, causal=True, implementation=attn_impl)
+                             kv_positions=kv_positions, causal=True, implementation=attn_impl, cache=view)
         x = x + _output_projection(layer, attn_out)
         x = x + _mlp_block(layer, x, config)
         return (x, k_cache, v_cache), None
@@ -203,6 +205,15 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
     if cache is not None:
         cache = cache._replace(k=k_all, v=v_all, end=cache.end + x.shape[1])
     return x, cache
+
+
+def cache_view(cache: KVCache, new_tokens: int) -> CacheView:
+    """Where `new_tokens` tokens written at slot `cache.end` sit, for the attention kernels: computed once per
+    forward pass, not per layer. A row's live slots start at its first non-empty one (after its left padding)."""
+    batch = cache.segments.shape[0]
+    first_live = jnp.argmax(cache.segments != 0, axis=1).astype(jnp.int32)
+    end = jnp.broadcast_to(cache.end + new_tokens, (batch,)).astype(jnp.int32)
+    return CacheView(q_offset=cache.end, kv_start=first_live, kv_end=end)
 
 
 def _append_rows(buffer: jax.Array, rows: jax.Array, layer_index: jax.Array | None,

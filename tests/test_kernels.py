@@ -1,0 +1,210 @@
+"""The Pallas GPU kernels (flash attention, decode attention) against the XLA reference, run in the Pallas
+interpreter on the CPU; `tests/test_gpu.py` runs the same comparisons natively on a GPU.
+
+Small tiles (16) make short sequences span several tiles, so the causal bounds, tile tails, the split-K merge and the
+skipped blocks are all exercised at sizes the interpreter runs quickly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smoljax import generation
+from smoljax.attention import (GPU_AUTO, KINDS, attention_kind, attention_mask, resolve_implementation,
+                               xla_attention)
+from smoljax.config import LlamaConfig
+from smoljax.kernels.decode_attention import choose_splits, decode_attention
+from smoljax.kernels.flash_attention import FlashBlocks, flash_attention
+from smoljax.models import smollm2
+from smoljax.params import llama_specs
+
+SMALL = FlashBlocks(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16)
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def _random(shape, dtype, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _qkv(batch, q_len, kv_len, q_heads, kv_heads, head_dim, dtype, seed=0):
+    return (_random((batch, q_len, q_heads, head_dim), dtype, seed),
+            _random((batch, kv_len, kv_heads, head_dim), dtype, seed + 1),
+            _random((batch, kv_len, kv_heads, head_dim), dtype, seed + 2))
+
+
+def _packed_segments(batch, length):
+    """Row 0: three documents; row 1: one document then padding (segment 0); row 2: all padding."""
+    segments = np.zeros((batch, length), np.int32)
+    segments[0, : length // 3], segments[0, length // 3: length - 5], segments[0, length - 5:] = 1, 2, 3
+    if batch > 1:
+        segments[1, : length - 7] = 1
+    return jnp.asarray(segments)
+
+
+def _reference(q, k, v, q_seg, kv_seg, causal, q_offset=0):
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    if q_seg is None:
+        q_seg, kv_seg = jnp.ones((batch, q_len), jnp.int32), jnp.ones((batch, kv_len), jnp.int32)
+    q_pos = jnp.broadcast_to(q_offset + jnp.arange(q_len), (batch, q_len))
+    kv_pos = jnp.broadcast_to(jnp.arange(kv_len), (batch, kv_len))
+    return xla_attention(q, k, v, attention_mask(q_seg, kv_seg, q_pos, kv_pos, causal))
+
+
+def _close(actual, expected, dtype):
+    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+                               atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("causal, packed", [(True, False), (True, True), (False, True), (False, False)])
+def test_flash_forward_matches_reference(causal, packed, dtype):
+    """Odd length (37: a partial tail tile), GQA 6/2, packed rows, a padded row and an all-padding row."""
+    q, k, v = _qkv(3, 37, 37, 6, 2, 16, dtype)
+    segments = _packed_segments(3, 37) if packed else None
+    out = flash_attention(q, k, v, q_segments=segments, kv_segments=segments, causal=causal, blocks=SMALL,
+                          interpret=True)
+    expected = _reference(q, k, v, segments, segments, causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _close(out, expected, dtype)
+    if packed:
+        assert not np.any(np.asarray(out[2], np.float32)), "an all-padding row must give zeros"
+
+
+@pytest.mark.parametrize("causal, packed, heads", [(True, True, (6, 2)), (True, False, (4, 4)),
+                                                   (False, True, (6, 3))])
+def test_flash_gradients_match_reference(causal, packed, heads):
+    q, k, v = _qkv(2, 45, 45, *heads, 16, jnp.float32, seed=3)
+    segments = _packed_segments(2, 45) if packed else None
+    weights = _random(q.shape, jnp.float32, 9)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+
+    flash = loss(lambda q, k, v: flash_attention(q, k, v, q_segments=segments, kv_segments=segments,
+                                                 causal=causal, blocks=SMALL, interpret=True))
+    reference = loss(lambda q, k, v: _reference(q, k, v, segments, segments, causal))
+    for actual, expected in zip(jax.grad(flash, (0, 1, 2))(q, k, v), jax.grad(reference, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(actual, expected, atol=5e-5, rtol=5e-5)
+
+
+def test_flash_with_query_offset_is_a_prefill_into_a_cache():
+    """Queries written at slot 8 of a 64-slot cache whose first 3 slots of row 1 are left padding and whose slots
+    after the new tokens are empty: the offset kernel equals the reference over the whole cache."""
+    batch, new, slots, offset = 2, 21, 64, 8
+    q, k, v = _qkv(batch, new, slots, 6, 2, 16, jnp.float32, seed=5)
+    kv_seg = np.zeros((batch, slots), np.int32)
+    kv_seg[0, : offset + new] = 1
+    kv_seg[1, 3: offset + new] = 1
+    q_seg = jnp.ones((batch, new), jnp.int32)
+    out = flash_attention(q, k, v, q_segments=q_seg, kv_segments=jnp.asarray(kv_seg), causal=True,
+                          q_offset=jnp.asarray(offset), blocks=SMALL, interpret=True)
+    _close(out, _reference(q, k, v, q_seg, jnp.asarray(kv_seg), True, q_offset=offset), jnp.float32)
+
+
+def _cache_case(batch, slots, seed=0):
+    """Segments and live ranges of a ragged cache: left padding, a hole of empty slots, an empty row."""
+    rng = np.random.default_rng(seed)
+    start = rng.integers(0, slots // 2, batch)
+    end = np.minimum(start + rng.integers(1, slots, batch), slots)
+    start[-1] = end[-1] = slots // 3  # nothing live
+    segments = np.zeros((batch, slots), np.int32)
+    for row in range(batch):
+        segments[row, start[row]: end[row]] = 1
+    segments[0, start[0] + 1: start[0] + 3] = 0
+    return jnp.asarray(segments), jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("slots, splits", [(80, None), (80, 1), (83, 3)])
+def test_decode_matches_reference(slots, splits, dtype):
+    """Ragged rows, a masked hole, an all-empty row (zeros), GQA 9/3, one or several splits, and a cache length
+    that is not a whole number of blocks (83)."""
+    batch = 4
+    q = _random((batch, 9, 64), dtype, 1)
+    k, v = _random((batch, slots, 3, 64), dtype, 2), _random((batch, slots, 3, 64), dtype, 3)
+    segments, start, end = _cache_case(batch, slots)
+    out = decode_attention(q, k, v, segments, start, end, block_k=16, num_splits=splits, interpret=True)
+    expected = xla_attention(q[:, None], k, v, (segments != 0)[:, None, :])[:, 0]
+    _close(out, expected, dtype)
+    assert not np.any(np.asarray(out[-1], np.float32))
+
+
+def test_decode_reads_only_live_slots():
+    """Blocks outside [start, end) are skipped, not masked: NaNs planted there never reach the output."""
+    q = _random((2, 4, 16), jnp.float32, 0)
+    k, v = _random((2, 64, 2, 16), jnp.float32, 1), _random((2, 64, 2, 16), jnp.float32, 2)
+    start, end = jnp.asarray([16, 32]), jnp.asarray([48, 40])
+    segments = jnp.asarray((np.arange(64)[None] >= np.asarray(start)[:, None])
+                           & (np.arange(64)[None] < np.asarray(end)[:, None]), jnp.int32)
+    poisoned = jnp.where(segments[:, :, None, None] != 0, k, jnp.nan)
+    outside_blocks = (np.arange(64) // 16 < 1) | (np.arange(64) // 16 >= 3)
+    poisoned = jnp.where(jnp.asarray(outside_blocks)[None, :, None, None], poisoned, k)
+    out = decode_attention(q, poisoned, v, segments, start, end, block_k=16, num_splits=2, interpret=True)
+    assert np.all(np.isfinite(np.asarray(out)))
+    expected = xla_attention(q[:, None], k, v, (segments != 0)[:, None, :])[:, 0]
+    _close(out, expected, jnp.float32)
+
+
+def test_decode_splits_fill_the_gpu_but_never_exceed_the_blocks():
+    assert choose_splits(1, 3, 4) == 4
+    assert choose_splits(1, 3, 1000) == 88
+    assert choose_splits(64, 3, 100) == 1
+
+
+TINY = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=128, eos_token_id=2, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), jnp.float32),
+                        llama_specs(TINY), is_leaf=lambda x: hasattr(x, "axes"))
+
+
+def test_model_forward_through_the_pallas_dispatch(tiny_params):
+    """`attn_impl='pallas'` (interpreted on the CPU) gives the XLA logits for packed rows with padding."""
+    tokens = jnp.asarray(np.random.default_rng(1).integers(3, 96, (2, 40)), jnp.int32)
+    segments = _packed_segments(2, 40)
+    logits = {impl: smollm2.forward(tiny_params, tokens, TINY, segment_ids=segments, attn_impl=impl)
+              for impl in ("xla", "pallas")}
+    np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-4, rtol=1e-4)
+
+
+def test_generation_through_the_pallas_kernels(tiny_params):
+    """Prefill (flash with a query offset) and decode (split-K kernel) on a ragged batch: the greedy tokens of the
+    XLA path."""
+    prompts = [[5, 17, 33, 9, 11, 40, 3], [40, 41]]
+    tokens = {impl: generation.generate(tiny_params, TINY, prompts, max_new_tokens=6, stop_tokens=[],
+                                        attn_impl=impl, unroll_layers=False).tokens for impl in ("xla", "pallas")}
+    assert tokens["pallas"] == tokens["xla"]
+
+
+def test_dispatch_picks_by_backend_dtype_and_kind(monkeypatch):
+    assert attention_kind(1, True, True, object()) == "decode"
+    assert attention_kind(7, True, True, object()) == "prefill"
+    assert attention_kind(7, False, True, None) == "bidirectional"
+    assert attention_kind(7, True, False, None) == "causal"
+    assert attention_kind(7, True, True, None) == "packed"
+    assert resolve_implementation("auto", jnp.bfloat16, "decode") == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert {kind: resolve_implementation("auto", jnp.bfloat16, kind) for kind in KINDS} == GPU_AUTO
+    assert resolve_implementation("auto", jnp.float32, "packed") == "xla"
+    assert resolve_implementation("cudnn", jnp.float32, "packed") == "cudnn"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert resolve_implementation("auto", jnp.float32, "causal") == "pallas"
+
+
+def test_bad_kernel_inputs_give_one_line_errors():
+    q, k, v = _qkv(1, 8, 8, 5, 2, 16, jnp.float32)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        flash_attention(q, k, v, interpret=True)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        decode_attention(q[:, 0], k, v, jnp.ones((1, 8), jnp.int32), jnp.zeros(1, jnp.int32),
+                         jnp.ones(1, jnp.int32), interpret=True)
+    q, k, v = _qkv(1, 8, 8, 4, 2, 16, jnp.float32)
+    with pytest.raises(ValueError, match="both q_segments and kv_segments"):
+        flash_attention(q, k, v, q_segments=jnp.ones((1, 8), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        resolve_implementation("flash")
