@@ -31,7 +31,7 @@ KINDS = ("causal", "packed", "bidirectional", "prefill", "decode")
 
 # What "auto" picks on a GPU for bf16/f16 inputs, by kind; BENCHMARKS.md ("Attention kernels") has the timings
 # behind each entry. TPUs always get the Pallas kernels; CPUs (and f32 on GPUs) the XLA reference.
-GPU_AUTO = {"causal": "cudnn", "packed": "pallas", "bidirectional": "cudnn", "prefill": "pallas",
+GPU_AUTO = {"causal": "cudnn", "packed": "pallas", "bidirectional": "pallas", "prefill": "pallas",
             "decode": "pallas"}
 
 

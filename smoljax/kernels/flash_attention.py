@@ -37,10 +37,10 @@ class FlashBlocks:
     head_dim 64 (`benchmarks/bench_attention.py --sweep`).
     """
 
-    block_q: int = 128
-    block_k: int = 64
+    block_q: int = 64
+    block_k: int = 128
     warps: int = 4
-    stages: int = 3
+    stages: int = 2
     bwd_block_q: int = 64
     bwd_block_k: int = 64
     bwd_warps: int = 4
