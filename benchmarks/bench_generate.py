@@ -380,7 +380,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run one framework only")
     parser.add_argument("--skip-prefill", action="store_true", help="skip the standalone prefill workloads")
     parser.add_argument("--skip-generate", action="store_true", help="skip the generate workloads")
-    parser.add_argument("--smoljax-attn", choices=("auto", "xla", "cudnn"), default="auto",
+    parser.add_argument("--smoljax-attn", choices=("auto", "xla", "cudnn", "pallas"), default="auto",
                         help="smoljax attention implementation")
     parser.add_argument("--smoljax-unroll-layers", action="store_true",
                         help="smoljax generate(unroll_layers=True), where this smoljax has it")

@@ -298,7 +298,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="sides to run, comma-separated subset of smoljax,eager,compile")
     parser.add_argument("--remat", choices=("none", "full", "dots", "save_attn_mlp"), default="full",
                         help="smoljax StepOptions.remat: what the backward pass recomputes")
-    parser.add_argument("--attn-impl", choices=("auto", "xla", "cudnn"), default="auto",
+    parser.add_argument("--attn-impl", choices=("auto", "xla", "cudnn", "pallas"), default="auto",
                         help="smoljax attention; auto is cudnn on GPU in bf16, else xla")
     parser.add_argument("--loss-chunk", type=int, default=2048, help="smoljax loss chunk (tokens per LM-head chunk)")
     parser.add_argument("--hf-grad-checkpointing", action="store_true",

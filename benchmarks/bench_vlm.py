@@ -399,7 +399,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vision-layers", type=int, default=None,
                         help="override the vision encoder's layer count (real model: 12) [--quick: 2]")
     parser.add_argument("--only", choices=("smoljax", "transformers"), default=None, help="run one framework only")
-    parser.add_argument("--smoljax-attn", choices=("auto", "xla", "cudnn"), default="auto",
+    parser.add_argument("--smoljax-attn", choices=("auto", "xla", "cudnn", "pallas"), default="auto",
                         help="smoljax attention implementation (vision encoder and decoder)")
     parser.add_argument("--transformers-attn", default=None,
                         help="transformers attn_implementation (eager, sdpa, ...); default: transformers' own")
