@@ -27,6 +27,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "base": ({"fuse_projections": False}, ""),
     "fused": ({"fuse_projections": True}, ""),
     "fused+cudnn": ({"fuse_projections": True, "attn_impl": "cudnn"}, ""),
+    "fused+xla": ({"fuse_projections": True, "attn_impl": "xla"}, ""),
+    "fused+pallas": ({"fuse_projections": True, "attn_impl": "pallas"}, ""),
     "fused+graphs": ({"fuse_projections": True},
                      "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
                      "--xla_gpu_graph_min_graph_size=1"),
