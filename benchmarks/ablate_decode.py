@@ -83,6 +83,7 @@ def run_child(variant: str, batch: int, new_tokens: int, repeats: int, dtype: st
                       config, kwargs.get("attn_impl", "auto"), unroll).compile().as_text()
     kernels = count_step_kernels(text)
     if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
         with open(os.path.join(dump_dir, f"decode_step_{variant}_b{batch}.hlo.txt"), "w") as f:
             f.write(text)
     return {"variant": variant, "tokens_per_s": max(rates[1:]), "all_rates": rates,

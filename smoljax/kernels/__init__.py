@@ -1,0 +1,1 @@
+"""Pallas kernels: attention for GPU (Triton) and TPU (Mosaic)."""
