@@ -84,7 +84,7 @@ def run_child(variant: str, batch: int, new_tokens: int, repeats: int, dtype: st
     kernels = count_step_kernels(text)
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
-        with open(os.path.join(dump_dir, f"decode_step_{variant}_b{batch}.hlo.txt"), "w") as f:
+        with open(os.path.join(dump_dir, f"decode_step_{variant.replace('+', '-')}_b{batch}.hlo.txt"), "w") as f:
             f.write(text)
     return {"variant": variant, "tokens_per_s": max(rates[1:]), "all_rates": rates,
             "kernels_per_step": sum(kernels.values()), "kernel_opcodes": kernels,
