@@ -114,8 +114,14 @@ def prefill(params: dict, tokens: jax.Array, segments: jax.Array, cache: KVCache
 
 
 def decode_step(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache, config: LlamaConfig,
-                attn_impl: Implementation = "auto", unroll_layers: bool = False) -> tuple[jax.Array, KVCache]:
-    """Appends one token per row. tokens, positions: [B] -> next-token logits [B, V] (f32) and the cache."""
+                attn_impl: Implementation = "auto", unroll_layers: bool = False,
+                fused_layers: bool = False) -> tuple[jax.Array, KVCache]:
+    """Appends one token per row. tokens, positions: [B] -> next-token logits [B, V] (f32) and the cache.
+    `fused_layers`: one row through the fused layer kernels (see `use_fused_layers`)."""
+    if fused_layers:
+        logits, cache = smollm2.fused_decode_forward(params, tokens[:, None], cache, config,
+                                                     positions=positions[:, None])
+        return logits[:, 0], cache
     logits, cache = smollm2.forward_with_cache(
         params, tokens[:, None], cache, config, positions=positions[:, None],
         segment_ids=jnp.ones_like(tokens)[:, None], attn_impl=attn_impl, unroll=unroll_layers)
@@ -124,17 +130,18 @@ def decode_step(params: dict, tokens: jax.Array, positions: jax.Array, cache: KV
 
 # Jitted entry points for hand-written loops: the cache buffer is donated, so each step updates it in place.
 prefill_jit = jax.jit(prefill, static_argnames=("config", "attn_impl"), donate_argnames=("cache",))
-decode_step_jit = jax.jit(decode_step, static_argnames=("config", "attn_impl", "unroll_layers"),
+decode_step_jit = jax.jit(decode_step, static_argnames=("config", "attn_impl", "unroll_layers", "fused_layers"),
                           donate_argnames=("cache",))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_ids", "out_length", "cache_length",
-                                             "attn_impl", "unroll_layers", "fuse", "unstack", "stream"))
+                                             "attn_impl", "unroll_layers", "fuse", "unstack", "fused_layers",
+                                             "stream"))
 def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: jax.Array,
                    max_new_tokens: jax.Array, embeds: jax.Array | None, *, config: LlamaConfig,
                    sampler: TokenSampler,
                    stop_ids: tuple[int, ...], out_length: int, cache_length: int, attn_impl: Implementation,
-                   unroll_layers: bool, fuse: bool, unstack: bool, stream: bool,
+                   unroll_layers: bool, fuse: bool, unstack: bool, fused_layers: bool, stream: bool,
                    ) -> tuple[jax.Array, jax.Array]:
     """Prefill and decode inside one program. Returns new tokens [B, out_length] and counts [B]."""
     batch = tokens.shape[0]
@@ -142,6 +149,9 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
         params = smollm2.fuse_projections(params)
     # Unstacked layers are sliced here, once, outside the decode loop (an unrolled decode step; see
     # `smollm2.unstack_layers`). The prefill keeps the stacked weights and its layer scan.
+    if fused_layers:
+        params = smollm2.fuse_projections(params)
+        unstack = True
     decode_params = smollm2.unstack_layers(params) if unstack else params
     unroll_layers = unroll_layers or unstack
     cache = init_cache(config, batch, cache_length, params["embed"].dtype, per_layer=unroll_layers)
@@ -164,13 +174,30 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
         if stream:
             io_callback(_STREAM_SINK.emit, None, token, done, ordered=True)
         done = done | jnp.isin(token, stop_array)
-        logits, cache = decode_step(decode_params, token, positions, cache, config, attn_impl, unroll_layers)
+        logits, cache = decode_step(decode_params, token, positions, cache, config, attn_impl, unroll_layers,
+                                    fused_layers)
         return step + 1, cache, logits, positions + 1, done, out, counts, key
 
     state = (jnp.zeros((), jnp.int32), cache, logits, next_positions, jnp.zeros((batch,), bool),
              jnp.full((batch, out_length), pad_id, jnp.int32), jnp.zeros((batch,), jnp.int32), key)
     state = jax.lax.while_loop(cond, body, state)
     return state[5], state[6]
+
+
+def use_fused_layers(config: LlamaConfig, batch: int, dtype, attn_impl: Implementation,
+                     requested: bool | None) -> bool:
+    """Whether decoding runs the fused layer kernels: asked for, or by default a single bf16/f16 row on a GPU
+    with Pallas decode attention (there a step is bound by kernel launches, which the fusion cuts)."""
+    from smoljax.attention import resolve_implementation
+    from smoljax.kernels.decode_layer import supported
+
+    if requested is not None:
+        if requested and (batch != 1 or not supported(config)):
+            raise InputError("fused_layers=True decodes one row of a model with head_dim 64: use batch 1, or "
+                             "fused_layers=False")
+        return requested
+    return (batch == 1 and supported(config) and jax.default_backend() == "gpu"
+            and resolve_implementation(attn_impl, dtype, "decode") == "pallas")
 
 
 class _StreamSink:
@@ -194,6 +221,7 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
              pixel_values: np.ndarray | None = None, pixel_attention_mask: np.ndarray | None = None,
              attn_impl: Implementation = "auto", unroll_layers: bool | None = None,
              fuse_projections: bool | None = None, unstack_layers: bool | None = None,
+             fused_layers: bool | None = None,
              on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` tokens for each prompt (lists of token ids; lengths may differ).
 
@@ -212,6 +240,8 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
     `unstack_layers` slices the stacked layer weights into per-layer buffers once per call, ahead of an unrolled
     decode loop (`smollm2.unstack_layers`), at the cost of a second copy of the layer weights while generating;
     the default (None) does so on CPU, where a loop slicing stacked weights copies them on every step.
+    `fused_layers` decodes a single row with five Pallas kernels per layer (`smoljax.kernels.decode_layer`); the
+    default (None) does so where it is the faster path (`use_fused_layers`).
     """
     vlm_config = config if isinstance(config, VLMConfig) else None
     if vlm_config is not None:
@@ -247,7 +277,9 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
     compiled = _generate_loop.lower(
         *args, config=config, sampler=sampler, stop_ids=stop_ids, out_length=out_length,
         cache_length=whole_blocks(prompt_length + out_length), attn_impl=attn_impl, unroll_layers=unroll_layers,
-        fuse=fuse_projections, unstack=unstack_layers, stream=on_token is not None).compile()
+        fuse=fuse_projections, unstack=unstack_layers,
+        fused_layers=use_fused_layers(config, len(prompts), params["embed"].dtype, attn_impl, fused_layers),
+        stream=on_token is not None).compile()
     start = time.perf_counter()
     if on_token is None:
         out, counts = jax.block_until_ready(compiled(*args))

@@ -163,8 +163,21 @@ def test_bf16_generation_through_the_pallas_kernels_on_gpu(models):
             step_logits, cache = generation.decode_step_jit(bf16, token, positions + step, cache, config, impl)
             steps.append(step_logits)
         logits[impl] = np.stack([np.asarray(x) for x in steps])
+    # The fused layer kernels on the first row alone (they decode one row).
+    serving = smollm2.unstack_layers(bf16)
+    cache = generation.init_cache(config, 1, 128, jnp.bfloat16, per_layer=True)
+    step_logits, cache = generation.prefill_jit(bf16, jnp.asarray(tokens[:1]), jnp.asarray(segments[:1]), cache,
+                                                config, "pallas")
+    steps = [step_logits]
+    for step in range(8):
+        token = jnp.full((1,), 5 + step, jnp.int32)
+        step_logits, cache = generation.decode_step_jit(serving, token, jnp.asarray([len(prompts[0]) + step]),
+                                                        cache, config, "pallas", True, True)
+        steps.append(step_logits)
+    logits["fused"] = np.stack([np.asarray(x) for x in steps])
     probs = {impl: jax.nn.log_softmax(jnp.asarray(x), -1) for impl, x in logits.items()}
     assert float(jnp.mean(jnp.abs(probs["pallas"] - probs["xla"]))) < 0.05
+    assert float(jnp.mean(jnp.abs(probs["fused"] - probs["xla"][:, :1]))) < 0.05
 
 
 def test_ragged_batch_equals_single_runs_on_gpu(models):

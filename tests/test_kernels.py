@@ -14,6 +14,7 @@ from smoljax import generation
 from smoljax.attention import (GPU_AUTO, KINDS, attention_kind, attention_mask, resolve_implementation,
                                xla_attention)
 from smoljax.config import LlamaConfig
+from smoljax.errors import InputError
 from smoljax.kernels.decode_attention import choose_splits, decode_attention
 from smoljax.kernels.flash_attention import FlashBlocks, flash_attention
 from smoljax.models import smollm2
@@ -179,6 +180,25 @@ def test_generation_through_the_pallas_kernels(tiny_params):
     tokens = {impl: generation.generate(tiny_params, TINY, prompts, max_new_tokens=6, stop_tokens=[],
                                         attn_impl=impl, unroll_layers=False).tokens for impl in ("xla", "pallas")}
     assert tokens["pallas"] == tokens["xla"]
+
+
+HEAD64 = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=128,
+                     eos_token_id=2, pad_token_id=0)
+
+
+def test_fused_decode_layers_give_the_reference_tokens():
+    """The five-kernel decode layer (RMSNorm+qkv+RoPE with the cache write, attention, o+residual,
+    RMSNorm+gate/up+SwiGLU, down+residual) continues a prompt exactly as the XLA path does (f32)."""
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), jnp.float32),
+                          llama_specs(HEAD64), is_leaf=lambda x: hasattr(x, "axes"))
+    prompt = [[5, 17, 33, 9, 11, 70, 3]]
+    tokens = {fused: generation.generate(params, HEAD64, prompt, max_new_tokens=5, stop_tokens=[],
+                                         attn_impl="xla", fused_layers=fused).tokens for fused in (False, True)}
+    assert tokens[True] == tokens[False]
+    with pytest.raises(InputError, match="batch 1"):
+        generation.generate(params, HEAD64, prompt * 2, max_new_tokens=2, fused_layers=True)
 
 
 def test_dispatch_picks_by_backend_dtype_and_kind(monkeypatch):

@@ -235,6 +235,33 @@ def _as_stacked(buffer: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
     return jnp.stack(buffer) if isinstance(buffer, tuple) else buffer
 
 
+def fused_decode_forward(params: Params, tokens: jax.Array, cache: KVCache, config: LlamaConfig, *,
+                         positions: jax.Array) -> tuple[jax.Array, KVCache]:
+    """One decode step of a single row through the fused layer kernels (`smoljax.kernels.decode_layer`).
+
+    tokens, positions: [1, 1]; params in the serving layout (`fuse_projections`) with unstacked layers
+    (`unstack_layers`); cache with per-layer buffers. Returns f32 logits [1, 1, vocab] and the updated cache.
+    On a backend other than GPU the kernels run in the Pallas interpreter (for tests).
+    """
+    from smoljax.kernels.decode_layer import decode_layer
+
+    interpret = jax.default_backend() != "gpu"
+    x = embed(params, tokens)
+    cache = write_metadata(cache, positions, jnp.ones_like(tokens))
+    view = cache_view(cache, 1)
+    cos, sin = nn.rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+    hidden = x[0, 0]
+    new_k, new_v = [], []
+    for layer, k_buffer, v_buffer in zip(params["layers"], cache.k, cache.v):
+        hidden, k_buffer, v_buffer = decode_layer(layer, hidden, cos[0, 0], sin[0, 0], k_buffer[0], v_buffer[0],
+                                                  cache.segments[0], view.kv_start[0], cache.end, config,
+                                                  interpret=interpret)
+        new_k.append(k_buffer[None])
+        new_v.append(v_buffer[None])
+    cache = cache._replace(k=tuple(new_k), v=tuple(new_v), end=cache.end + 1)
+    return lm_logits(params, hidden[None, None], config), cache
+
+
 def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, segment_ids: jax.Array | None = None,
             positions: jax.Array | None = None, attn_impl: Implementation = "auto",
             remat: str = "none") -> jax.Array:
