@@ -28,7 +28,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "fused": ({"fuse_projections": True}, ""),
     "fused+cudnn": ({"fuse_projections": True, "attn_impl": "cudnn"}, ""),
     "fused+xla": ({"fuse_projections": True, "attn_impl": "xla"}, ""),
-    "fused+pallas": ({"fuse_projections": True, "attn_impl": "pallas"}, ""),
+    "fused+pallas": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": False}, ""),
+    "fused-layers": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": True}, ""),
     "fused+graphs": ({"fuse_projections": True},
                      "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
                      "--xla_gpu_graph_min_graph_size=1"),
@@ -61,6 +62,7 @@ def run_child(variant: str, batch: int, new_tokens: int, repeats: int, dtype: st
     import numpy as np
 
     import smoljax
+    from smoljax.cache import whole_blocks
     from smoljax.generation import decode_step, generate
     from smoljax.models import smollm2
 
@@ -76,11 +78,17 @@ def run_child(variant: str, batch: int, new_tokens: int, repeats: int, dtype: st
         rates.append(batch * new_tokens / result.seconds)
 
     unroll = jax.default_backend() != "cpu"
-    step_params = smollm2.fuse_projections(params) if kwargs.get("fuse_projections") else params
-    cache = smoljax.init_cache(config, batch, 32 + new_tokens, params["embed"].dtype, per_layer=unroll)
-    step = jax.jit(decode_step, static_argnames=("config", "attn_impl", "unroll_layers"))
+    fused_layers = bool(kwargs.get("fused_layers"))
+    step_params = smollm2.fuse_projections(params) if kwargs.get("fuse_projections") or fused_layers else params
+    if fused_layers:
+        step_params = smollm2.unstack_layers(step_params)
+    # The step as the loop runs it: a cache of whole kernel blocks, donated so it is updated in place.
+    cache = smoljax.init_cache(config, batch, whole_blocks(32 + new_tokens), params["embed"].dtype,
+                               per_layer=unroll or fused_layers)
+    step = jax.jit(decode_step, static_argnames=("config", "attn_impl", "unroll_layers", "fused_layers"),
+                   donate_argnames=("cache",))
     text = step.lower(step_params, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), cache,
-                      config, kwargs.get("attn_impl", "auto"), unroll).compile().as_text()
+                      config, kwargs.get("attn_impl", "auto"), unroll, fused_layers).compile().as_text()
     kernels = count_step_kernels(text)
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
