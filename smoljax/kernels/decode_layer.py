@@ -11,8 +11,8 @@ fuse each layer into five launches, each a matrix-vector product with its neighb
 5. down projection + residual.
 
 Each program owns a tile of output rows and streams its weight rows in 64-wide chunks, multiplying on the CUDA
-cores (a 1-row product gains nothing from tensor cores). The rounding follows the XLA path: bf16 activations between
-ops, f32 accumulation. Weights are the serving layout of `smollm2.fuse_projections` ([out, in]), one layer's own
+cores (a 1-row product gains nothing from tensor cores). Activations are rounded to bf16 between ops, as on the XLA path, with f32
+accumulation; RMSNorm's 1/rms scales the products rather than the input (see `_scaled_chunks`). Weights are the serving layout of `smollm2.fuse_projections` ([out, in]), one layer's own
 buffers (`smollm2.unstack_layers`), so no slice of a stacked weight is copied.
 """
 
@@ -27,7 +27,8 @@ from jax.experimental import pallas as pl
 from smoljax.config import LlamaConfig
 
 CHUNK = 64      # input columns per step of a product (hidden 576 = 9 chunks, MLP 1536 = 24)
-ROWS = 16       # output rows per program of the o, gate/up and down products
+ROWS = 8        # output rows per program of the o, gate/up and down products
+HEAD_PARTS = 4  # programs per head of the q/k/v product (each: 8 rows of each RoPE half)
 
 
 def _params(interpret: bool, warps: int = 4):
@@ -45,11 +46,12 @@ def _inverse_rms(x_ref, hidden: int, eps: float):
     return jax.lax.rsqrt(total / hidden + eps)
 
 
-def _normed_chunk(x_ref, g_ref, c: int, inv_rms):
-    """RMSNorm of input chunk c as `nn.rms_norm` rounds it: normalise in f32, cast, then scale by the weight."""
-    chunk = x_ref[pl.ds(c * CHUNK, CHUNK)]
-    normed = (chunk.astype(jnp.float32) * inv_rms).astype(x_ref.dtype)
-    return (normed * g_ref[pl.ds(c * CHUNK, CHUNK)].astype(x_ref.dtype)).astype(jnp.float32)
+def _scaled_chunks(x_ref, g_ref):
+    """x * weight, chunk by chunk in f32: RMSNorm's numerator. The 1/rms factor is applied to the products
+    instead, so the norm's reduction and the weight reads are independent and overlap (one trip to memory, not
+    two); the products then differ from the XLA path's only by bf16 rounding of the normalised input."""
+    return [x_ref[pl.ds(c * CHUNK, CHUNK)].astype(jnp.float32) * g_ref[pl.ds(c * CHUNK, CHUNK)].astype(jnp.float32)
+            for c in range(x_ref.shape[0] // CHUNK)]
 
 
 def _rows_times(w_ref, first_row, rows: int, vector_chunks) -> jax.Array:
@@ -63,34 +65,39 @@ def _rows_times(w_ref, first_row, rows: int, vector_chunks) -> jax.Array:
 
 def _qkv_rope_kernel(end_ref, x_ref, g_ref, w_ref, cos_ref, sin_ref, _k_in, _v_in, q_ref, k_ref, v_ref, *,
                      eps: float, q_heads: int, kv_heads: int, group: int):
-    # One program per head of the fused q/k/v projection: 9 query, 3 key, 3 value heads.
-    head = pl.program_id(0)
+    # HEAD_PARTS programs per head of the fused q/k/v projection (9 query, 3 key, 3 value heads); each computes
+    # matching rows of the two RoPE halves, which rotate into each other.
+    head, part = pl.program_id(0) // HEAD_PARTS, pl.program_id(0) % HEAD_PARTS
     hidden, head_dim = x_ref.shape[0], cos_ref.shape[0]
     half = head_dim // 2
+    rows = half // HEAD_PARTS
     inv_rms = _inverse_rms(x_ref, hidden, eps)
-    normed = [_normed_chunk(x_ref, g_ref, c, inv_rms) for c in range(hidden // CHUNK)]
+    scaled = _scaled_chunks(x_ref, g_ref)
     dtype = x_ref.dtype
-    first = _rows_times(w_ref, head * head_dim, half, normed).astype(dtype).astype(jnp.float32)
-    second = _rows_times(w_ref, head * head_dim + half, half, normed).astype(dtype).astype(jnp.float32)
-    cos, sin = cos_ref[pl.ds(0, half)].astype(jnp.float32), sin_ref[pl.ds(0, half)].astype(jnp.float32)
+    offset = part * rows
+    first = (_rows_times(w_ref, head * head_dim + offset, rows, scaled) * inv_rms).astype(dtype)
+    second = (_rows_times(w_ref, head * head_dim + half + offset, rows, scaled) * inv_rms).astype(dtype)
+    first, second = first.astype(jnp.float32), second.astype(jnp.float32)
+    cos = cos_ref[pl.ds(offset, rows)].astype(jnp.float32)
+    sin = sin_ref[pl.ds(offset, rows)].astype(jnp.float32)
     rotated_first = (first * cos - second * sin).astype(dtype)
     rotated_second = (second * cos + first * sin).astype(dtype)
     slot = end_ref[0]
 
     @pl.when(head < q_heads)
     def _():
-        q_ref[head // group, head % group, pl.ds(0, half)] = rotated_first
-        q_ref[head // group, head % group, pl.ds(half, half)] = rotated_second
+        q_ref[head // group, head % group, pl.ds(offset, rows)] = rotated_first
+        q_ref[head // group, head % group, pl.ds(half + offset, rows)] = rotated_second
 
     @pl.when((head >= q_heads) & (head < q_heads + kv_heads))
     def _():
-        k_ref[slot, head - q_heads, pl.ds(0, half)] = rotated_first.astype(k_ref.dtype)
-        k_ref[slot, head - q_heads, pl.ds(half, half)] = rotated_second.astype(k_ref.dtype)
+        k_ref[slot, head - q_heads, pl.ds(offset, rows)] = rotated_first.astype(k_ref.dtype)
+        k_ref[slot, head - q_heads, pl.ds(half + offset, rows)] = rotated_second.astype(k_ref.dtype)
 
     @pl.when(head >= q_heads + kv_heads)
     def _():
-        v_ref[slot, head - q_heads - kv_heads, pl.ds(0, half)] = first.astype(v_ref.dtype)
-        v_ref[slot, head - q_heads - kv_heads, pl.ds(half, half)] = second.astype(v_ref.dtype)
+        v_ref[slot, head - q_heads - kv_heads, pl.ds(offset, rows)] = first.astype(v_ref.dtype)
+        v_ref[slot, head - q_heads - kv_heads, pl.ds(half + offset, rows)] = second.astype(v_ref.dtype)
 
 
 def _o_proj_kernel(attn_ref, w_ref, x_ref, out_ref, *, group: int, q_heads: int):
@@ -104,10 +111,10 @@ def _gate_up_kernel(x_ref, g_ref, w_ref, out_ref, *, eps: float):
     first_row = pl.program_id(0) * ROWS
     hidden, mlp = x_ref.shape[0], w_ref.shape[0] // 2
     inv_rms = _inverse_rms(x_ref, hidden, eps)
-    normed = [_normed_chunk(x_ref, g_ref, c, inv_rms) for c in range(hidden // CHUNK)]
+    scaled = _scaled_chunks(x_ref, g_ref)
     dtype = x_ref.dtype
-    gate = _rows_times(w_ref, first_row, ROWS, normed).astype(dtype)
-    up = _rows_times(w_ref, mlp + first_row, ROWS, normed).astype(dtype)
+    gate = (_rows_times(w_ref, first_row, ROWS, scaled) * inv_rms).astype(dtype)
+    up = (_rows_times(w_ref, mlp + first_row, ROWS, scaled) * inv_rms).astype(dtype)
     out_ref[...] = (jax.nn.silu(gate.astype(jnp.float32)).astype(dtype) * up).astype(dtype)
 
 
@@ -147,7 +154,7 @@ def decode_layer(layer: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
     slot = jnp.asarray(end, jnp.int32).reshape(1)
     q, k_cache, v_cache = pl.pallas_call(
         functools.partial(_qkv_rope_kernel, eps=eps, q_heads=q_heads, kv_heads=kv_heads, group=group),
-        grid=(q_heads + 2 * kv_heads,),
+        grid=((q_heads + 2 * kv_heads) * HEAD_PARTS,),
         in_specs=[_full((1,)), _full((hidden,)), _full((hidden,)), _full(layer["qkv_proj_t"].shape),
                   _full((head_dim,)), _full((head_dim,)), _full(k_cache.shape), _full(v_cache.shape)],
         out_specs=[_full((kv_heads, rows, head_dim)), _full(k_cache.shape), _full(v_cache.shape)],
