@@ -30,6 +30,12 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "fused+xla": ({"fuse_projections": True, "attn_impl": "xla"}, ""),
     "fused+pallas": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": False}, ""),
     "fused-layers": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": True}, ""),
+    "fused-layers+graphs": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": True},
+                            "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
+                            "--xla_gpu_graph_min_graph_size=1"),
+    "fused-layers+graphs+while": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": True},
+                                  "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
+                                  "CONDITIONAL --xla_gpu_graph_min_graph_size=1"),
     "fused-layers+nographs": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": True},
                               "--xla_gpu_enable_command_buffer="),
     "fused+pallas+nographs": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": False},
