@@ -134,6 +134,20 @@ def _full(shape):
     return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
 
 
+def _row_tiled(kernel, name: str, operands: tuple, out_len: int, dtype, interpret: bool) -> jax.Array:
+    """A kernel whose programs each write ROWS entries of a [out_len] vector, reading whole operands."""
+    return pl.pallas_call(
+        kernel,
+        grid=(out_len // ROWS,),
+        in_specs=[_full(operand.shape) for operand in operands],
+        out_specs=pl.BlockSpec((ROWS,), lambda i: (i,)),
+        out_shape=jax.ShapeDtypeStruct((out_len,), dtype),
+        compiler_params=_params(interpret),
+        interpret=interpret,
+        name=f"smoljax_decode_{name}",
+    )(*operands)
+
+
 def decode_layer(layer: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                  v_cache: jax.Array, kv_segments: jax.Array, kv_start: jax.Array, end: jax.Array,
                  config: LlamaConfig, *, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -168,35 +182,9 @@ def decode_layer(layer: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
     )(slot, x, layer["attn_norm"], layer["qkv_proj_t"], cos, sin, k_cache, v_cache)
     attn = grouped_decode_attention(q[None], k_cache[None], v_cache[None], kv_segments[None],
                                     jnp.reshape(kv_start, (1,)), slot + 1, num_splits=1, interpret=interpret)[0]
-    tile = pl.BlockSpec((ROWS,), lambda i: (i,))
-    x = pl.pallas_call(
-        functools.partial(_o_proj_kernel, group=group, q_heads=q_heads),
-        grid=(hidden // ROWS,),
-        in_specs=[_full(attn.shape), _full(layer["o_proj_t"].shape), _full((hidden,))],
-        out_specs=tile,
-        out_shape=jax.ShapeDtypeStruct((hidden,), x.dtype),
-        compiler_params=_params(interpret),
-        interpret=interpret,
-        name="smoljax_decode_o_proj",
-    )(attn, layer["o_proj_t"], x)
-    hidden_mlp = pl.pallas_call(
-        functools.partial(_gate_up_kernel, eps=eps),
-        grid=(mlp // ROWS,),
-        in_specs=[_full((hidden,)), _full((hidden,)), _full(layer["gate_up_proj_t"].shape)],
-        out_specs=tile,
-        out_shape=jax.ShapeDtypeStruct((mlp,), x.dtype),
-        compiler_params=_params(interpret),
-        interpret=interpret,
-        name="smoljax_decode_gate_up",
-    )(x, layer["mlp_norm"], layer["gate_up_proj_t"])
-    x = pl.pallas_call(
-        _down_kernel,
-        grid=(hidden // ROWS,),
-        in_specs=[_full((mlp,)), _full(layer["down_proj_t"].shape), _full((hidden,))],
-        out_specs=tile,
-        out_shape=jax.ShapeDtypeStruct((hidden,), x.dtype),
-        compiler_params=_params(interpret),
-        interpret=interpret,
-        name="smoljax_decode_down",
-    )(hidden_mlp, layer["down_proj_t"], x)
+    x = _row_tiled(functools.partial(_o_proj_kernel, group=group, q_heads=q_heads), "o_proj",
+                   (attn, layer["o_proj_t"], x), hidden, x.dtype, interpret)
+    hidden_mlp = _row_tiled(functools.partial(_gate_up_kernel, eps=eps), "gate_up",
+                            (x, layer["mlp_norm"], layer["gate_up_proj_t"]), mlp, x.dtype, interpret)
+    x = _row_tiled(_down_kernel, "down", (hidden_mlp, layer["down_proj_t"], x), hidden, x.dtype, interpret)
     return x, k_cache, v_cache

@@ -112,6 +112,21 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, 
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), 0.0)
 
 
+def _query_program_specs(q_len: int, kv_len: int, head_dim: int, group: int, block_q: int, with_segments: bool):
+    """BlockSpecs of the kernels with one program per (query block, batch row, query head), the last query blocks
+    (the heaviest under causal masking) first. Returns the index maps of a query block ([B, T, H, D] arrays) and of
+    its rows ([B, H, T] arrays), the specs of (offset, q, K, V) and of the two segment-id rows (None without)."""
+    num_q_blocks = q_len // block_q
+    q_block = lambda i, b, h: (b, num_q_blocks - 1 - i, h, 0)  # noqa: E731
+    row_block = lambda i, b, h: (b, h, num_q_blocks - 1 - i)  # noqa: E731
+    whole_kv = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
+    inputs = [pl.BlockSpec((1,), lambda i, b, h: (0,)), pl.BlockSpec((None, block_q, None, head_dim), q_block),
+              whole_kv, whole_kv]
+    segments = [pl.BlockSpec((None, q_len), lambda i, b, h: (b, 0)) if with_segments else None,
+                pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)) if with_segments else None]
+    return q_block, row_block, inputs, segments
+
+
 def _forward(q, k, v, q_offset, q_seg, k_seg, *, causal: bool, blocks: FlashBlocks, interpret: bool):
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -120,23 +135,14 @@ def _forward(q, k, v, q_offset, q_seg, k_seg, *, causal: bool, blocks: FlashBloc
     num_q_blocks = q_len // block_q
     kernel = functools.partial(_forward_kernel, scale=head_dim ** -0.5 * LOG2_E, causal=causal, block_q=block_q,
                                block_k=block_k, num_q_blocks=num_q_blocks)
-    q_block = lambda i, b, h: (b, num_q_blocks - 1 - i, h, 0)  # noqa: E731
-    with_segments = q_seg is not None
+    q_block, row_block, inputs, segments = _query_program_specs(q_len, kv_len, head_dim, group, block_q,
+                                                                q_seg is not None)
     out, lse = pl.pallas_call(
         kernel,
         grid=(num_q_blocks, batch, q_heads),
-        in_specs=[
-            pl.BlockSpec((1,), lambda i, b, h: (0,)),
-            pl.BlockSpec((None, block_q, None, head_dim), q_block),
-            pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, q_len), lambda i, b, h: (b, 0)) if with_segments else None,
-            pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)) if with_segments else None,
-        ],
-        out_specs=[
-            pl.BlockSpec((None, block_q, None, head_dim), q_block),
-            pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, num_q_blocks - 1 - i)),
-        ],
+        in_specs=[*inputs, *segments],
+        out_specs=[pl.BlockSpec((None, block_q, None, head_dim), q_block),
+                   pl.BlockSpec((None, None, block_q), row_block)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32)],
         compiler_params=None if interpret else _compiler_params(blocks.warps, blocks.stages),
@@ -263,23 +269,15 @@ def _backward(q, k, v, q_offset, q_seg, k_seg, out, lse, d_out, *, causal: bool,
     )(q_offset, q_grouped, k, v, do_grouped, row_grouped(lse), row_grouped(delta), q_seg, k_seg)
 
     num_q_blocks = q_len // block_q
-    q_block = lambda i, b, h: (b, num_q_blocks - 1 - i, h, 0)  # noqa: E731
-    row_block = lambda i, b, h: (b, h, num_q_blocks - 1 - i)  # noqa: E731
+    q_block, row_block, inputs, segments = _query_program_specs(q_len, kv_len, head_dim, group, block_q,
+                                                                with_segments)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, causal=causal, block_q=block_q, block_k=block_k,
                           num_q_blocks=num_q_blocks),
         grid=(num_q_blocks, batch, q_heads),
-        in_specs=[
-            pl.BlockSpec((1,), lambda i, b, h: (0,)),
-            pl.BlockSpec((None, block_q, None, head_dim), q_block),
-            pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, block_q, None, head_dim), q_block),
-            pl.BlockSpec((None, None, block_q), row_block),
-            pl.BlockSpec((None, None, block_q), row_block),
-            pl.BlockSpec((None, q_len), lambda i, b, h: (b, 0)) if with_segments else None,
-            pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)) if with_segments else None,
-        ],
+        in_specs=[*inputs, pl.BlockSpec((None, block_q, None, head_dim), q_block),
+                  pl.BlockSpec((None, None, block_q), row_block), pl.BlockSpec((None, None, block_q), row_block),
+                  *segments],
         out_specs=pl.BlockSpec((None, block_q, None, head_dim), q_block),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
