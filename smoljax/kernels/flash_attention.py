@@ -72,6 +72,17 @@ def _causal_kv_blocks(q_start, q_offset, block_q: int, block_k: int, num_k_block
     return jnp.minimum(last_visible // block_k + 1, num_k_blocks)
 
 
+def _kv_loop(body, init, causal: bool, q_start, q_offset, block_q: int, block_k: int, num_k_blocks: int):
+    """Runs body(key_block, carry, mask_causal) over the key blocks a query block sees. Under causal masking the
+    blocks wholly before the query block's first index skip the causal compare (only the diagonal ones need it)."""
+    if not causal:
+        return jax.lax.fori_loop(0, num_k_blocks, functools.partial(body, mask_causal=False), init)
+    upper = _causal_kv_blocks(q_start, q_offset, block_q, block_k, num_k_blocks)
+    unmasked = jnp.minimum((q_offset + q_start + 1) // block_k, upper)
+    carry = jax.lax.fori_loop(0, unmasked, functools.partial(body, mask_causal=False), init)
+    return jax.lax.fori_loop(unmasked, upper, functools.partial(body, mask_causal=True), carry)
+
+
 # --- forward ----------------------------------------------------------------------------------------------------
 
 def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale: float,
@@ -85,12 +96,12 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, 
     q_index = q_offset + q_start + jnp.arange(block_q)
     q_seg = None if qseg_ref is None else qseg_ref[pl.ds(q_start, block_q)]
 
-    def body(kb, carry):
+    def body(kb, carry, mask_causal: bool):
         acc, m_prev, l_prev = carry
         k_slice = pl.ds(kb * block_k, block_k)
         scores = jnp.dot(q, k_ref[k_slice, :].T, preferred_element_type=jnp.float32) * scale
         k_seg = None if kseg_ref is None else kseg_ref[k_slice]
-        mask = _visible(q_index, kb * block_k + jnp.arange(block_k), q_seg, k_seg, causal)
+        mask = _visible(q_index, kb * block_k + jnp.arange(block_k), q_seg, k_seg, mask_causal)
         if mask is not None:
             scores = jnp.where(mask, scores, -jnp.inf)
         m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
@@ -105,8 +116,7 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, 
     head_dim = q_ref.shape[-1]
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    upper = _causal_kv_blocks(q_start, q_offset, block_q, block_k, num_k_blocks) if causal else num_k_blocks
-    acc, m, l = jax.lax.fori_loop(0, upper, body, init)
+    acc, m, l = _kv_loop(body, init, causal, q_start, q_offset, block_q, block_k, num_k_blocks)
     seen = l > 0.0
     o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), 0.0)
@@ -215,17 +225,18 @@ def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg
     q_index = q_offset + q_start + jnp.arange(block_q)
     q_seg = None if qseg_ref is None else qseg_ref[pl.ds(q_start, block_q)]
 
-    def body(kb, dq):
+    def body(kb, dq, mask_causal: bool):
         k_slice = pl.ds(kb * block_k, block_k)
         k = k_ref[k_slice, :]
         k_seg = None if kseg_ref is None else kseg_ref[k_slice]
-        probs = _score_tile(q, k, lse, q_index, kb * block_k + jnp.arange(block_k), q_seg, k_seg, causal, scale)
+        probs = _score_tile(q, k, lse, q_index, kb * block_k + jnp.arange(block_k), q_seg, k_seg, mask_causal,
+                            scale)
         dprobs = jnp.dot(do, v_ref[k_slice, :].T, preferred_element_type=jnp.float32)
         dscores = probs * (dprobs - delta[:, None])
         return dq + jnp.dot(dscores.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    upper = _causal_kv_blocks(q_start, q_offset, block_q, block_k, num_k_blocks) if causal else num_k_blocks
-    dq = jax.lax.fori_loop(0, upper, body, jnp.zeros(q_ref.shape, jnp.float32))
+    dq = _kv_loop(body, jnp.zeros(q_ref.shape, jnp.float32), causal, q_start, q_offset, block_q, block_k,
+                  num_k_blocks)
     dq_ref[...] = (dq * (scale / LOG2_E)).astype(dq_ref.dtype)
 
 
