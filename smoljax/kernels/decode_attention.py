@@ -21,9 +21,6 @@ from jax.experimental import pallas as pl
 LOG2_E = math.log2(math.e)
 MIN_DOT_ROWS = 16  # Triton's matrix instructions need at least 16 rows: the query group is padded to this
 TARGET_PROGRAMS = 264  # two programs per H100 SM: enough splits that a batch-1 step fills the GPU
-# A split must cover at least this many blocks to pay for the merge launch: at batch 1 over 288 live slots one
-# split took 12.95 us a call in a jitted loop, five splits and their merge 16.57 (`bench_decode_layer.py`).
-MIN_BLOCKS_PER_SPLIT = 8
 
 
 def _decode_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, seg_ref, *out_refs, scale: float, block_k: int,
@@ -73,9 +70,8 @@ def _merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def choose_splits(batch: int, kv_heads: int, num_blocks: int) -> int:
-    """Splits of the sequence so that batch x kv_heads x splits programs fill the GPU, each split long enough
-    (MIN_BLOCKS_PER_SPLIT) to be worth its share of the merge."""
-    return max(1, min(num_blocks // MIN_BLOCKS_PER_SPLIT, TARGET_PROGRAMS // max(1, batch * kv_heads)))
+    """Splits of the sequence so that batch x kv_heads x splits programs fill the GPU, each with >= 1 block."""
+    return max(1, min(num_blocks, TARGET_PROGRAMS // max(1, batch * kv_heads)))
 
 
 def grouped_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_segments: jax.Array,
