@@ -151,7 +151,8 @@ def sweep(args) -> None:
     segments = jnp.ones((batch, seq), jnp.int32)
     flops_fwd = 4 * batch * Q_HEADS * seq * seq * HEAD_DIM / 2
     for block_q, block_k, warps, stages in ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
-                                            (128, 32, 4, 3), (64, 128, 4, 2)):
+                                            (128, 32, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3), (64, 256, 4, 2),
+                                            (128, 128, 4, 3), (32, 128, 4, 2)):
         blocks = FlashBlocks(block_q=block_q, block_k=block_k, warps=warps, stages=stages)
         run("sweep fwd", f"{batch}x{seq}", f"q{block_q} k{block_k} w{warps} s{stages}",
             lambda q, k, v, b=blocks: flash_attention(q, k, v, q_segments=segments, kv_segments=segments,
