@@ -38,9 +38,9 @@ class FlashBlocks:
     """
 
     block_q: int = 64
-    block_k: int = 128
+    block_k: int = 64
     warps: int = 4
-    stages: int = 2
+    stages: int = 3
     bwd_block_q: int = 64
     bwd_block_k: int = 64
     bwd_warps: int = 4
