@@ -34,7 +34,7 @@ class FlashBlocks:
     """Tile sizes (powers of two) and Triton launch parameters, forward and backward.
 
     block_q x block_k is the score tile each program holds at a time. The defaults were chosen on an H100 for
-    head_dim 64 (`benchmarks/bench_attention.py --sweep`).
+    head_dim 64 (`benchmarks/bench_attention.py --sweep`; `benchmarks/NOTES-kernels.md`).
     """
 
     block_q: int = 64
