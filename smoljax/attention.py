@@ -9,6 +9,12 @@ Masks are described by structure, not by a dense matrix, so fused kernels can us
   real tokens of unpacked rows, and what lets cuDNN use its causal kernel instead of reading a dense mask.
 
 Query heads are grouped over key/value heads (GQA) by reshaping the queries, so K and V are never repeated.
+
+Implementations: `xla` (the reference below, the one every kernel is tested against), `cudnn` (fused attention
+through `jax.nn.dot_product_attention`, GPU only) and `pallas` (the kernels in `smoljax.kernels`: flash attention
+with segment ids and a query offset, split-K decode attention over the KV cache; Triton on GPUs, Mosaic on TPUs).
+`auto` picks one per backend, dtype and kind of call (`KINDS`, `GPU_AUTO`). Calls against a KV cache pass a
+`CacheView`, which tells the kernels where the new queries sit and which slots are live.
 """
 
 from __future__ import annotations
