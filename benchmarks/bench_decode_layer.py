@@ -10,7 +10,7 @@ Reports microseconds per iteration: launch and execution of the kernel(s) with t
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import time
 
 import harness
@@ -19,7 +19,6 @@ harness.use_checkout_if_not_installed()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
 
 import smoljax  # noqa: E402
 from smoljax import nn  # noqa: E402
@@ -53,8 +52,7 @@ def main() -> None:
                                                                           params)))
     layer = params["layers"][0]
     hidden, mlp = config.hidden_size, config.intermediate_size
-    q_heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    group = q_heads // kv_heads
+    kv_heads, head_dim = config.num_key_value_heads, config.head_dim
     x = jax.random.normal(jax.random.key(1), (hidden,), jnp.bfloat16)
     cos, sin = nn.rope_cos_sin(jnp.full((1, 1), LIVE - 1), head_dim, config.rope_theta, jnp.bfloat16)
     cos, sin = cos[0, 0], sin[0, 0]
@@ -79,19 +77,15 @@ def main() -> None:
     rows["attention kernel, 5 splits + merge"] = per_iteration(
         lambda q: grouped_decode_attention(q, k_cache[None], v_cache[None], segments[None], jnp.zeros(1, jnp.int32),
                                            jnp.full((1,), LIVE), num_splits=5), q, n)
-    tile = pl.BlockSpec((fused.ROWS,), lambda i: (i,))
-    down = functools.partial(pl.pallas_call, fused._down_kernel, grid=(hidden // fused.ROWS,),
-                             in_specs=[fused._full((mlp,)), fused._full(layer["down_proj_t"].shape),
-                                       fused._full((hidden,))],
-                             out_specs=tile, out_shape=jax.ShapeDtypeStruct((hidden,), jnp.bfloat16),
-                             compiler_params=fused._params(False))()
     h = jnp.ones((mlp,), jnp.bfloat16)
-    rows["down + residual kernel"] = per_iteration(lambda x: down(h, layer["down_proj_t"], x), x, n)
+    rows["down + residual kernel"] = per_iteration(
+        lambda x: fused._row_tiled(fused._down_kernel, "down", (h, layer["down_proj_t"], x), hidden, x.dtype, False),
+        x, n)
     rows["down + residual, XLA"] = per_iteration(
         lambda x: x + jnp.einsum("m,hm->h", h, layer["down_proj_t"]), x, n)
 
     # The XLA decode layer the fused one replaces: one unrolled layer of the serving path.
-    one_layer = dataclass_replace(config, num_hidden_layers=1)
+    one_layer = dataclasses.replace(config, num_hidden_layers=1)
     cache = init_cache(one_layer, 1, SLOTS, jnp.bfloat16, per_layer=True)
     xla_params = {**params, "layers": [layer]}
 
@@ -107,11 +101,6 @@ def main() -> None:
     print("| loop body | us per iteration |\n|---|---:|")
     for name, seconds in rows.items():
         print(f"| {name} | {seconds * 1e6:.2f} |")
-
-
-def dataclass_replace(config, **changes):
-    import dataclasses
-    return dataclasses.replace(config, **changes)
 
 
 if __name__ == "__main__":

@@ -118,11 +118,11 @@ def resolve_implementation(implementation: Implementation, dtype=None, kind: str
 
 
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array | None,
-                     kv_segments: jax.Array | None, causal: bool, cache: CacheView | None) -> jax.Array:
+                     kv_segments: jax.Array | None, causal: bool, cache: CacheView | None) -> jax.Array | None:
     """The Pallas kernels: Triton on GPUs, Mosaic on TPUs, the Pallas interpreter elsewhere (slow; for tests).
 
-    Shapes as in `attention`. On TPUs a prefill against a cache (queries offset into the keys) has no kernel and
-    runs the XLA reference.
+    Shapes as in `attention`. Returns None where there is no kernel for the call: on TPUs, a prefill against a
+    cache (queries offset into the keys), which `attention` then runs with the XLA reference.
     """
     backend = jax.default_backend()
     interpret = backend not in ("gpu", "tpu")

@@ -145,13 +145,11 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
                    ) -> tuple[jax.Array, jax.Array]:
     """Prefill and decode inside one program. Returns new tokens [B, out_length] and counts [B]."""
     batch = tokens.shape[0]
+    fuse, unstack = fuse or fused_layers, unstack or fused_layers  # the fused kernels read the serving layout
     if fuse:
         params = smollm2.fuse_projections(params)
     # Unstacked layers are sliced here, once, outside the decode loop (an unrolled decode step; see
     # `smollm2.unstack_layers`). The prefill keeps the stacked weights and its layer scan.
-    if fused_layers:
-        params = smollm2.fuse_projections(params)
-        unstack = True
     decode_params = smollm2.unstack_layers(params) if unstack else params
     unroll_layers = unroll_layers or unstack
     cache = init_cache(config, batch, cache_length, params["embed"].dtype, per_layer=unroll_layers)
@@ -186,8 +184,8 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
 
 def use_fused_layers(config: LlamaConfig, batch: int, requested: bool | None) -> bool:
     """Whether decoding runs the fused layer kernels: only when asked for. They cut a batch-1 step on the H100
-    from 400 launches to 161 but ran at 1,318 tok/s against 1,462 for the XLA fusions (BENCHMARKS.md), so they
-    are not the default."""
+    from 400 launches to 161 but ran at 1,318 tok/s against 1,462 for the XLA fusions
+    (`benchmarks/NOTES-kernels.md`), so they are not the default."""
     from smoljax.kernels.decode_layer import supported
 
     if requested and (batch != 1 or not supported(config)):
