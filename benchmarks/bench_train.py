@@ -138,7 +138,7 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
                                  b1=BETAS[0], b2=BETAS[1], eps=EPS, max_grad_norm=MAX_GRAD_NORM)
     optimizer = make_optimizer(opt_config, total_steps)
     options = StepOptions(compute_dtype="bfloat16", remat=spec["remat"], attn_impl=spec["attn_impl"], packed=False,
-                          loss_chunk=spec["loss_chunk"])
+                          loss_chunk=spec["loss_chunk"], unroll_layers=spec.get("unroll_layers", False))
     # f32 parameters and the optimizer state, made on the device in one program (no host copies).
     make_state = jax.jit(lambda key: init_state(init_params(llama_specs(config), key), optimizer, seed=SEED))
     # Committed to the device like the batch: the step's outputs are, and an uncommitted first state would make the
@@ -172,7 +172,7 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
         "jax": jax.__version__, "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
         "smoljax": getattr(smoljax, "__version__", "?"), "backend": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)), "remat": options.remat,
-        "attn_impl": options.attn_impl, "loss_chunk": options.loss_chunk,
+        "attn_impl": options.attn_impl, "loss_chunk": options.loss_chunk, "unroll_layers": options.unroll_layers,
         "num_params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
     }
     return result
@@ -296,11 +296,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 128 tokens, 2 layers, few steps")
     parser.add_argument("--only", type=harness.comma_subset(SIDES), default=",".join(SIDES),
                         help="sides to run, comma-separated subset of smoljax,eager,compile")
-    parser.add_argument("--remat", choices=("none", "full", "dots", "save_attn_mlp"), default="full",
+    parser.add_argument("--remat", choices=("none", "full", "dots", "dots_attention", "save_attn_mlp"), default="full",
                         help="smoljax StepOptions.remat: what the backward pass recomputes")
     parser.add_argument("--attn-impl", choices=("auto", "xla", "cudnn", "pallas"), default="auto",
                         help="smoljax attention; auto is cudnn on GPU in bf16, else xla")
     parser.add_argument("--loss-chunk", type=int, default=2048, help="smoljax loss chunk (tokens per LM-head chunk)")
+    parser.add_argument("--unroll-layers", action="store_true",
+                        help="smoljax StepOptions.unroll_layers: a Python loop over the layers instead of a scan")
     parser.add_argument("--hf-grad-checkpointing", action="store_true",
                         help="transformers gradient checkpointing (non-reentrant) on both transformers sides")
     parser.add_argument("--compile-mode", default=None,
@@ -539,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="smoljax_bench_train_")
     base = {"workdir": workdir, "device": device, "batch": args.batch, "seq": args.seq, "layers": args.layers,
             "warmup": args.warmup, "repeats": args.repeats, "remat": args.remat, "attn_impl": args.attn_impl,
-            "loss_chunk": args.loss_chunk, "hf_grad_checkpointing": args.hf_grad_checkpointing,
+            "loss_chunk": args.loss_chunk, "unroll_layers": args.unroll_layers, "hf_grad_checkpointing": args.hf_grad_checkpointing,
             "compile_mode": args.compile_mode}
     print(f"device {device}, {args.batch} x {args.seq} tokens per step, sides {','.join(sides)}; first step, "
           f"{args.warmup} warm-up, median of {args.repeats}", file=sys.stderr)

@@ -358,7 +358,7 @@ def test_vmap_over_single_sequences_equals_batched_forward(params):
     np.testing.assert_allclose(np.asarray(mapped), np.asarray(batched), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "save_attn_mlp"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_attention", "save_attn_mlp"])
 def test_remat_policies_give_the_same_gradients(params, grads, remat):
     tokens = random_tokens((2, 12))
     grad_fn = jax.grad(functools.partial(next_token_loss, remat=remat))

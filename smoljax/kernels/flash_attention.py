@@ -99,14 +99,15 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, 
     def body(kb, carry, mask_causal: bool):
         acc, m_prev, l_prev = carry
         k_slice = pl.ds(kb * block_k, block_k)
-        scores = jnp.dot(q, k_ref[k_slice, :].T, preferred_element_type=jnp.float32) * scale
+        # Raw scores; the scale is applied in the exponent's multiply-add (one pass over the tile, not two).
+        scores = jnp.dot(q, k_ref[k_slice, :].T, preferred_element_type=jnp.float32)
         k_seg = None if kseg_ref is None else kseg_ref[k_slice]
         mask = _visible(q_index, kb * block_k + jnp.arange(block_k), q_seg, k_seg, mask_causal)
         if mask is not None:
             scores = jnp.where(mask, scores, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
+        m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1) * scale)
         m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # a row that has seen nothing yet stays at zero
-        probs = jnp.exp2(scores - m_safe[:, None])
+        probs = jnp.exp2(scores * scale - m_safe[:, None])
         rescale = jnp.exp2(m_prev - m_safe)
         l_next = l_prev * rescale + jnp.sum(probs, axis=1)
         acc = acc * rescale[:, None] + jnp.dot(probs.astype(v_ref.dtype), v_ref[k_slice, :],

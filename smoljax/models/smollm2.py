@@ -22,7 +22,20 @@ from smoljax.errors import InputError
 Params = dict[str, Any]
 
 # Remat policies by name: what the backward pass may keep instead of recomputing.
-REMAT_POLICIES = ("none", "full", "dots", "save_attn_mlp")
+REMAT_POLICIES = ("none", "full", "dots", "dots_attention", "save_attn_mlp")
+
+# The forward primitives of the fused attention kernels (our Pallas kernels, splash on TPU, cuDNN through
+# jax.nn.dot_product_attention): their outputs include the softmax statistics the backward kernel needs.
+_ATTENTION_FORWARD_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_wrapper",
+                                           "dot_product_attention_fwd"})
+
+
+def _save_dots_and_attention(prim, *args, **params) -> bool:
+    """Keep the matmul outputs and the attention kernel's outputs: the backward pass then recomputes only the
+    cheap elementwise work, not the attention forward (which "dots" alone would run a second time)."""
+    if prim.name in _ATTENTION_FORWARD_PRIMITIVES:
+        return True
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
 
 
 def _remat_policy(name: str):
@@ -30,6 +43,7 @@ def _remat_policy(name: str):
     return {
         "full": policies.nothing_saveable,
         "dots": policies.dots_with_no_batch_dims_saveable,
+        "dots_attention": _save_dots_and_attention,
         "save_attn_mlp": policies.save_only_these_names("attn_out", "mlp_out"),
     }[name]
 

@@ -53,6 +53,7 @@ class StepOptions:
     z_loss_weight: float = 0.0
     accum_steps: int = 1
     packed: bool = True  # False: rows hold one document each (padding at the end) -> causal-only attention
+    unroll_layers: bool = False  # a Python loop over the layers instead of lax.scan (longer compile)
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -119,7 +120,8 @@ def make_train_step(config: LlamaConfig | VLMConfig, optimizer: optax.GradientTr
     def objective_sum(trained, frozen, micro_batch) -> tuple[jax.Array, LossSums]:
         params = cast_params(assemble_params(trained, frozen, lora), compute_dtype)
         sums = lm_loss_sums(params, micro_batch, config, remat=options.remat, attn_impl=options.attn_impl,
-                            chunk_size=options.loss_chunk, segment_mask=options.packed)
+                            chunk_size=options.loss_chunk, segment_mask=options.packed,
+                            unroll=options.unroll_layers)
         return sums.cross_entropy + options.z_loss_weight * sums.z_loss, sums
 
     grad_of_sum = jax.value_and_grad(objective_sum, has_aux=True)
