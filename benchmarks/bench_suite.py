@@ -11,7 +11,7 @@ It runs the per-area scripts, each of which runs every framework in its own proc
 |---|---|---|
 | decode | `bench_generate.py` | greedy, 32-token prompt + 256 new tokens, batch 1 and 64 |
 | prefill | `bench_generate.py` | 1 x 2048 and 8 x 2048 tokens into a KV cache |
-| train | `bench_train.py` | 16 x 2048 AdamW step (remat `dots`), against transformers eager and `torch.compile` |
+| train | `bench_train.py` | 16 x 2048 AdamW step (remat `dots_attention`, layers unrolled), against transformers eager and `torch.compile` |
 | attention | `bench_attention.py` | flash attention forward + backward, T = 2048, 4096, 8192, Pallas against cuDNN |
 | vision | `bench_vlm.py` | SmolVLM2-500M vision encoder + connector, 17 tiles |
 
@@ -129,7 +129,7 @@ def main() -> None:
                                  f"{100 * ours * flops / args.peak_flops:.0f}% MFU" if ours else ""])
 
     if "train" in args.parts:
-        train_args = quick + ["--remat", "dots", "--loss-chunk", "8192"] + ([] if args.quick else
+        train_args = quick + ["--remat", "dots_attention", "--unroll-layers", "--loss-chunk", "8192"] + ([] if args.quick else
                                                                           ["--repeats", "10", "--warmup", "3"])
         data = run_script("bench_train.py", train_args, out / "train.json", log)
         if data:

@@ -74,6 +74,7 @@ class TrainSection:
     loss_chunk: int = 2048
     z_loss_weight: float = 0.0
     accum_steps: int = 1
+    unroll_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
