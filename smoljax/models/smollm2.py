@@ -31,10 +31,9 @@ _ATTENTION_FORWARD_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention
 
 
 def _save_dots_and_attention(prim, *args, **params) -> bool:
-    """Keep the matmul outputs, the attention kernel's outputs and the SwiGLU product (the down projection's
-    input): the backward pass then recomputes only norms and RoPE, not the attention forward (which "dots" alone
-    would run a second time) nor the [B, T, intermediate] SwiGLU."""
-    if prim.name in _ATTENTION_FORWARD_PRIMITIVES or (prim.name == "name" and params.get("name") == "mlp_hidden"):
+    """Keep the matmul outputs and the attention kernel's outputs: the backward pass then recomputes only the
+    elementwise work, not the attention forward (which "dots" alone would run a second time)."""
+    if prim.name in _ATTENTION_FORWARD_PRIMITIVES:
         return True
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
 
@@ -132,10 +131,9 @@ def _mlp_block(layer: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
     normed = nn.rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     if "gate_up_proj_t" in layer:
         gate, up = jnp.split(jnp.einsum("bth,mh->btm", normed, layer["gate_up_proj_t"]), 2, axis=-1)
-        out = jnp.einsum("btm,hm->bth", checkpoint_name(nn.swiglu(gate, up), "mlp_hidden"), layer["down_proj_t"])
+        out = jnp.einsum("btm,hm->bth", nn.swiglu(gate, up), layer["down_proj_t"])
     else:
-        hidden = checkpoint_name(nn.swiglu(normed @ layer["gate_proj"], normed @ layer["up_proj"]), "mlp_hidden")
-        out = hidden @ layer["down_proj"]
+        out = nn.swiglu(normed @ layer["gate_proj"], normed @ layer["up_proj"]) @ layer["down_proj"]
     return checkpoint_name(out, "mlp_out")
 
 
