@@ -168,6 +168,7 @@ def params() -> dict:
 
 
 CHUNKS = (7, 16, 64, 1000)  # B*T = 64: not dividing, dividing, equal, larger
+UNROLLED = "dots_attention, layers unrolled"  # StepOptions.unroll_layers: a Python loop instead of the scan
 
 
 def _loss_outputs(params, batch, config):
@@ -188,13 +189,14 @@ def _all_grads(params, batch):
         target = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), batch["targets"][..., None], axis=-1)
         return -jnp.sum(target[..., 0] * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
 
-    def chunked(p, remat):
-        sums = lm_loss_sums(p, batch, TINY, remat=remat, chunk_size=7)
+    def chunked(p, remat, unroll=False):
+        sums = lm_loss_sums(p, batch, TINY, remat=remat, chunk_size=7, unroll=unroll)
         return sums.cross_entropy / sums.tokens
 
     out = {"reference": jax.value_and_grad(reference)(params)}
     for remat in REMAT_POLICIES:
         out[remat] = jax.value_and_grad(functools.partial(chunked, remat=remat))(params)
+    out[UNROLLED] = jax.value_and_grad(functools.partial(chunked, remat="dots_attention", unroll=True))(params)
     return out
 
 
@@ -453,7 +455,7 @@ def test_gradient_of_chunked_loss_matches_unchunked_reference(grads):
         np.testing.assert_allclose(got, want, rtol=0, atol=RTOL_REFERENCE * scale, err_msg=str(path))
 
 
-@pytest.mark.parametrize("remat", [r for r in REMAT_POLICIES if r != "none"])
+@pytest.mark.parametrize("remat", [r for r in REMAT_POLICIES if r != "none"] + [UNROLLED])
 def test_remat_policies_give_the_same_loss_and_gradients(grads, remat):
     (base_loss, base_grads), (loss, remat_grads) = grads["none"], grads[remat]
     np.testing.assert_allclose(loss, base_loss, rtol=RTOL_ORDER)
