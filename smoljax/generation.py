@@ -297,6 +297,18 @@ def _vlm_embeddings(params: dict, tokens: jax.Array, pixel_values: jax.Array | N
     return smolvlm2.embed_inputs(params, tokens, pixel_values, pixel_mask, config, attn_impl)
 
 
+def _real_tiles(pixel_values: np.ndarray, probe: int = 1024) -> np.ndarray:
+    """[B, N, C, H, W] -> bool [B, N]: which tiles hold anything (HF's rule: an all-zero tile is padding).
+
+    A tile with a non-zero value among its first `probe` values is real; only the others are scanned whole, so a
+    batch of real images costs a few kB of reads instead of a pass over every pixel."""
+    flat = pixel_values.reshape(*pixel_values.shape[:2], -1)
+    real = np.any(flat[..., :probe] != 0, axis=-1)
+    for index in zip(*np.nonzero(~real)):
+        real[index] = np.any(flat[index] != 0)
+    return real
+
+
 def prompt_embeddings(params: dict, config: VLMConfig, tokens: np.ndarray, pixel_values: np.ndarray | None,
                       pixel_mask: np.ndarray | None, attn_impl: Implementation = "auto") -> jax.Array:
     """Embeddings [B, P, hidden] of left-padded VLM prompts [B, P] with their image features merged in.
@@ -312,9 +324,13 @@ def prompt_embeddings(params: dict, config: VLMConfig, tokens: np.ndarray, pixel
         raise InputError(f"pixel_values must be [batch, images, 3, height, width], got shape {pixel_values.shape}")
     if pixel_mask is None:
         pixel_mask = np.ones(pixel_values.shape[:2] + pixel_values.shape[3:], bool)
-    real = np.any(pixel_values.reshape(*pixel_values.shape[:2], -1) != 0, axis=-1)
-    tiles = pixel_values[real]
-    masks = np.asarray(pixel_mask, bool)[real]
+    real = _real_tiles(pixel_values)
+    if real.all():  # the usual case: no copy of the (tens of MB) pixel array
+        tiles = pixel_values.reshape(-1, *pixel_values.shape[2:])
+        masks = np.asarray(pixel_mask, bool).reshape(-1, *pixel_values.shape[3:])
+    else:
+        tiles = pixel_values[real]
+        masks = np.asarray(pixel_mask, bool)[real]
     smolvlm2.check_image_token_count(tokens, len(tiles), config)
     return _vlm_embeddings(params, jnp.asarray(tokens), jnp.asarray(tiles), jnp.asarray(masks), config, attn_impl)
 
