@@ -301,3 +301,17 @@ def test_cli_image_count_mismatch_and_text_model_errors(capsys, tiny_vlm_dir, ph
 def test_zero_sized_image_is_a_clear_error(loaded, processor):
     with pytest.raises(InputError, match="zero|empty|0x"):
         processor(["<image>"], [[np.zeros((0, 5, 3), np.uint8)]])
+
+
+def test_blank_tile_rule_scans_tiles_whose_first_values_are_zero():
+    """HF's rule: an all-zero tile is batch padding. The probe of each tile's first values must not call a tile blank
+    when its only non-zero value is at the very end."""
+    from smoljax.generation import _real_tiles
+
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 4, 3, 64, 64)).astype(np.float32)
+    pixels[1, 2:] = 0.0  # row 1 has two images' worth of padding
+    pixels[0, 1] = 0.0
+    pixels[0, 1, 2, 63, 63] = 0.25  # zero everywhere but the last value: real
+    expected = np.any(pixels.reshape(2, 4, -1) != 0, axis=-1)
+    np.testing.assert_array_equal(_real_tiles(pixels), expected)
+    np.testing.assert_array_equal(expected, [[True, True, True, True], [True, True, False, False]])
