@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smoljax import generation, nn
+from smoljax import generation
 from smoljax.config import LlamaConfig
 from smoljax.errors import InputError
 from smoljax.models import smollm2
@@ -61,21 +61,6 @@ def test_fused_projection_logits_match_within_f32_rounding(params):
                                     "down_proj_t"}
     np.testing.assert_allclose(smollm2.forward(fused, tokens, CONFIG), smollm2.forward(params, tokens, CONFIG),
                                atol=1e-5, rtol=0)
-
-
-def test_one_token_norm_and_projection_in_one_reduction_matches_norm_then_matmul(params):
-    """The batch-1 decode path folds RMSNorm into the fused projections (the sum of squares as an extra row):
-    within f32 rounding of norm-then-matmul, and the same greedy tokens in generate()."""
-    layer = jax.tree.map(lambda a: a[0], smollm2.fuse_projections(params)["layers"])
-    x = jax.random.normal(jax.random.key(3), (1, 1, CONFIG.hidden_size)) * 3.0
-    for norm, weight in (("attn_norm", "qkv_proj_t"), ("mlp_norm", "gate_up_proj_t")):
-        want = jnp.einsum("bth,nh->btn", nn.rms_norm(x, layer[norm], CONFIG.rms_norm_eps), layer[weight])
-        got = smollm2._normed_token_projection(x, layer[norm], layer[weight], CONFIG.rms_norm_eps)
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    prompt = [5, 17, 33, 9]
-    result = generation.generate(params, CONFIG, [prompt], max_new_tokens=10, stop_tokens=[],
-                                 unroll_layers=True, fuse_projections=True)
-    assert result.tokens[0] == _greedy_by_full_forward(params, prompt, 10)
 
 
 def test_rows_stop_at_their_stop_token_and_the_loop_ends_early(params):

@@ -112,41 +112,15 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)]}
 
 
-def _one_token(x: jax.Array) -> bool:
-    """A batch-1 decode step: one row of one token, where each matmul is a matrix-vector product."""
-    return x.shape[0] * x.shape[1] == 1
-
-
-def _normed_token_projection(x: jax.Array, norm_weight: jax.Array, weight_t: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm then an [out, in] projection of a single token, in one reduction kernel: x [1, 1, H],
-    weight_t [N, H] -> [1, 1, N] in x.dtype.
-
-    A batch-1 decode step is bound by its kernel count. Each output is sum_h W'[n, h] x[h] with W' = W * norm
-    weight, scaled by 1/rms afterwards; the sum of squares that 1/rms needs rides along as one more row (x itself),
-    so the norm's own reduction kernel disappears. Products and sums in f32 (the norm weight is folded in f32,
-    with no extra rounding); the result differs from norm-then-matmul only in rounding order.
-    """
-    x32 = x.astype(jnp.float32)[..., None, :]  # [1, 1, 1, H]
-    folded = weight_t.astype(jnp.float32) * norm_weight.astype(jnp.float32)
-    rows = jnp.concatenate([jnp.broadcast_to(folded, (*x.shape[:2], *folded.shape)), x32], axis=-2)
-    sums = jnp.sum(rows * x32, axis=-1)  # [1, 1, N + 1]: the projections, then x . x
-    inv_rms = jax.lax.rsqrt(sums[..., -1:] / x.shape[-1] + eps)
-    return (sums[..., :-1] * inv_rms).astype(x.dtype)
-
-
 def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, config: LlamaConfig):
     """Pre-norm and the q/k/v projections with RoPE. x: [B, T, hidden] -> q [B,T,Hq,D], k, v [B,T,Hkv,D]."""
+    normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     if "qkv_proj_t" in layer:
-        if _one_token(x):
-            qkv = _normed_token_projection(x, layer["attn_norm"], layer["qkv_proj_t"], config.rms_norm_eps)
-        else:
-            normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-            qkv = jnp.einsum("bth,nh->btn", normed, layer["qkv_proj_t"])
+        qkv = jnp.einsum("bth,nh->btn", normed, layer["qkv_proj_t"])
         qkv = qkv.reshape(*qkv.shape[:2], -1, config.head_dim)
         q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         q, k, v = jnp.split(qkv, [q_heads, q_heads + kv_heads], axis=2)
     else:
-        normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q = jnp.einsum("bth,hnd->btnd", normed, layer["q_proj"])
         k = jnp.einsum("bth,hnd->btnd", normed, layer["k_proj"])
         v = jnp.einsum("bth,hnd->btnd", normed, layer["v_proj"])
@@ -154,16 +128,11 @@ def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array
 
 
 def _mlp_block(layer: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
+    normed = nn.rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     if "gate_up_proj_t" in layer:
-        if _one_token(x):
-            gate_up = _normed_token_projection(x, layer["mlp_norm"], layer["gate_up_proj_t"], config.rms_norm_eps)
-        else:
-            normed = nn.rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-            gate_up = jnp.einsum("bth,mh->btm", normed, layer["gate_up_proj_t"])
-        gate, up = jnp.split(gate_up, 2, axis=-1)
+        gate, up = jnp.split(jnp.einsum("bth,mh->btm", normed, layer["gate_up_proj_t"]), 2, axis=-1)
         out = jnp.einsum("btm,hm->bth", nn.swiglu(gate, up), layer["down_proj_t"])
     else:
-        normed = nn.rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
         out = nn.swiglu(normed @ layer["gate_proj"], normed @ layer["up_proj"]) @ layer["down_proj"]
     return checkpoint_name(out, "mlp_out")
 
