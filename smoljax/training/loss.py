@@ -53,8 +53,8 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     """Cross-entropy of the LM head over `chunk_size` tokens at a time.
 
     hidden: [B, T, H] final-normed hidden states; head: the embedding [V, H] (tied) or lm_head [H, V];
-    targets, loss_mask: [B, T]. Each chunk's f32 logits [chunk, V] are recomputed in the backward pass, so peak
-    memory holds one chunk of logits instead of all of them (see `_chunk_sums`).
+    targets, loss_mask: [B, T]. Each chunk's logits [chunk, V] are recomputed in the backward pass, so peak memory
+    holds one chunk of logits instead of all of them (see `_chunk_sums`).
     """
     width = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, width)
