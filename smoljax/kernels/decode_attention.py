@@ -60,10 +60,13 @@ def _decode_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, seg_ref, *out_refs, 
     l_ref[...] = l
 
 
-def _merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-    """acc [..., splits, G, D] (unnormalised), m, l [..., splits, G] -> [..., G, D]; zeros where nothing is live."""
+def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array, exp=jnp.exp2) -> jax.Array:
+    """acc [..., splits, G, D] (unnormalised), m, l [..., splits, G] -> [..., G, D]; zeros where nothing is live.
+
+    m: each split's running max in the base of `exp` (this module's kernel works in base 2, the TPU one in base e);
+    an empty split has m = -inf (or a finite mask value) and l = 0, so it weighs nothing."""
     m_max = jnp.max(m, axis=-2, keepdims=True)
-    weight = jnp.exp2(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # exp2(-inf) = 0 for empty splits
+    weight = exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))
     total = jnp.sum(weight * l, axis=-2)
     out = jnp.sum(weight[..., None] * acc, axis=-3)
     return out / jnp.where(total > 0, total, 1.0)[..., None]
@@ -116,7 +119,7 @@ def grouped_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_segmen
     )(kv_start.astype(jnp.int32), kv_end.astype(jnp.int32), q, k, v, kv_segments.astype(jnp.int32))
     if splits == 1:
         return outs[0]
-    return _merge_splits(*outs).astype(q.dtype)
+    return merge_splits(*outs).astype(q.dtype)
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_segments: jax.Array, kv_start: jax.Array,

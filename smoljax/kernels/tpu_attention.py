@@ -31,6 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from smoljax.kernels.decode_attention import merge_splits
+
 LANES = 128  # TPU vector lanes: minor block dimensions are multiples of this (or the whole axis)
 FLASH_BLOCKS = (512, 256, 128)  # splash tile sizes tried for the padded length, largest first
 MASK_VALUE = -1e30  # finite "minus infinity": exp(MASK_VALUE - MASK_VALUE) stays a number, never NaN
@@ -255,15 +257,6 @@ def _own_head_columns(out: jax.Array, kv_heads: int) -> jax.Array:
     return jnp.moveaxis(jnp.diagonal(out, axis1=1, axis2=3), -1, 1).reshape(batch, q_heads, width // kv_heads)
 
 
-def _merge_splits(acc: jax.Array, maxes: jax.Array, sums: jax.Array) -> jax.Array:
-    """acc [B, splits, Hq, W] (unnormalised), maxes, sums [B, splits, Hq] -> [B, Hq, W]; zeros where nothing is
-    visible."""
-    weights = jnp.exp(maxes - jnp.max(maxes, axis=1, keepdims=True))  # empty splits (max MASK_VALUE) weigh 0
-    total = jnp.sum(weights * sums, axis=1)
-    out = jnp.sum(weights[..., None] * acc, axis=1)
-    return jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
-
-
 def _check_decode_args(q, k, v, kv_segments, kv_start, kv_end, block_k, num_splits) -> None:
     if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [B, Hq, D] and k, v [B, S, Hkv, D], got {q.shape}, {k.shape}, {v.shape}")
@@ -349,5 +342,5 @@ def decode_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_segments: 
         interpret=_decode_interpret(interpret),
         name="smoljax_decode_attention",
     )(start, end, q_wide, k.reshape(batch, length, width), v.reshape(batch, length, width), segments)
-    out = _merge_splits(acc, maxes[..., 0], sums[..., 0])
+    out = merge_splits(acc, maxes[..., 0], sums[..., 0], exp=jnp.exp)
     return _own_head_columns(out, kv_heads).astype(q.dtype)
