@@ -84,13 +84,15 @@ def test_cudnn_attention_matches_xla(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("packed", [True, False])
-def test_pallas_flash_attention_matches_xla_on_gpu(dtype, packed):
-    """The Triton kernels natively, forward and gradients, at head_dim 64 with 9/3 heads and an odd length."""
+@pytest.mark.parametrize("causal, packed, length", [(True, True, 1001), (True, False, 1001), (False, True, 1001),
+                                                    (False, False, 1024)])
+def test_pallas_flash_attention_matches_xla_on_gpu(dtype, causal, packed, length):
+    """The Triton kernels natively, forward and gradients, at head_dim 64 with 9/3 heads, causal or not, at an odd
+    length and at whole tiles (bidirectional without segment ids is its own kernel variant)."""
     from smoljax.kernels.flash_attention import flash_attention
 
     rng = np.random.RandomState(6)
-    batch, length = 2, 1001
+    batch = 2
     q = jnp.asarray(rng.randn(batch, length, 9, 64), dtype)
     k, v = (jnp.asarray(rng.randn(batch, length, 3, 64), dtype) for _ in range(2))
     segments = None
@@ -106,10 +108,10 @@ def test_pallas_flash_attention_matches_xla_on_gpu(dtype, packed):
 
     def reference(q, k, v):
         return attention(q, k, v, q_segments=mask_segments, kv_segments=mask_segments, q_positions=positions,
-                         kv_positions=positions, implementation="xla")
+                         kv_positions=positions, causal=causal, implementation="xla")
 
     def kernel(q, k, v):
-        return flash_attention(q, k, v, q_segments=segments, kv_segments=segments)
+        return flash_attention(q, k, v, q_segments=segments, kv_segments=segments, causal=causal)
 
     def with_grads(fn):
         loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * weights)  # noqa: E731

@@ -186,13 +186,14 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
     v = v_ref[...]
     k_index = k_start + jnp.arange(block_k)
     k_seg = None if kseg_ref is None else kseg_ref[pl.ds(k_start, block_k)]
-    first_q_block = jnp.maximum(k_start - q_offset, 0) // block_q if causal else 0
+    first_q_block = jnp.maximum(k_start - q_offset, 0) // block_q if causal else jnp.int32(0)
     blocks_per_head = jnp.maximum(num_q_blocks - first_q_block, 0)
 
     def body(step, carry):
         dk, dv = carry
-        head = step // blocks_per_head
-        q_start = (first_q_block + step % blocks_per_head) * block_q
+        # Truncating division (operands are never negative): no sign fix-up for Triton to lower.
+        head = jax.lax.div(step, blocks_per_head)
+        q_start = (first_q_block + jax.lax.rem(step, blocks_per_head)) * block_q
         q_slice = pl.ds(q_start, block_q)
         q = q_ref[q_slice, head, :]
         do = do_ref[q_slice, head, :]
