@@ -3,7 +3,8 @@ table `smoljax.attention.GPU_AUTO`.
 
     python3 benchmarks/bench_attention.py                       # every part on the default device
     python3 benchmarks/bench_attention.py --parts train decode  # some of: train, prefill, vision, decode
-    python3 benchmarks/bench_attention.py --sweep               # Pallas flash tile sizes at T = 2048
+    python3 benchmarks/bench_attention.py --sweep               # Pallas flash tile sizes at each --seq
+    python3 benchmarks/bench_attention.py --in-loop 30          # per call inside one jit, no dispatch
 
 Parts (bf16, head_dim 64; median of --repeats calls after a compiling one):
 - train: `jax.grad` of sum(attention) (forward + backward), 9 query / 3 KV heads, 32,768 tokens per call at T = 2048,
@@ -32,7 +33,28 @@ Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 CACHE_SLOTS = 2304
 
 
+IN_LOOP = {"calls": 0}  # --in-loop N: time N chained calls inside one jit instead of one dispatched call
+
+
+def chained(fn, calls: int):
+    """fn run `calls` times in one jitted loop, each call's q depending on the last call's result through one
+    element (an in-place update), so XLA cannot hoist the call out of the loop. Per-call time without the host
+    dispatch that a single call pays, as inside a model's step."""
+    def loop(q, *rest):
+        def body(_, q):
+            first = sum(leaf.reshape(-1)[0].astype(jnp.float32) for leaf in jax.tree.leaves(fn(q, *rest)))
+            return q.at[(0,) * q.ndim].set(first.astype(q.dtype))
+        return jax.lax.fori_loop(0, calls, body, q)
+    return jax.jit(loop)
+
+
 def time_call(fn, *args, repeats: int = 10) -> float:
+    if IN_LOOP["calls"]:
+        return _time_dispatch(chained(fn, IN_LOOP["calls"]), *args, repeats=repeats) / IN_LOOP["calls"]
+    return _time_dispatch(fn, *args, repeats=repeats)
+
+
+def _time_dispatch(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
@@ -143,26 +165,44 @@ def part_decode(args) -> None:
                 None, args.repeats)
 
 
+FORWARD_TILES = ((64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                 (128, 128, 8, 3), (128, 32, 4, 3), (32, 64, 4, 3))
+# (dK/dV query block, dK/dV key block, dQ query block, dQ key block, warps, stages)
+BACKWARD_TILES = ((64, 64, 64, 64, 4, 2), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 4, 3),
+                  (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2), (32, 64, 64, 32, 4, 2),
+                  (64, 128, 64, 64, 4, 2), (32, 128, 64, 64, 4, 2), (64, 64, 128, 32, 4, 2), (64, 64, 64, 32, 4, 2))
+
+
 def sweep(args) -> None:
+    """Pallas flash tile sizes on causal rows without segment ids (the kind measured against cuDNN), at each of
+    --seq, with cuDNN's figure alongside."""
     from smoljax.kernels.flash_attention import FlashBlocks, flash_attention
 
-    seq, batch = 2048, 16
-    q, k, v = random_qkv(batch, seq, seq)
-    segments = jnp.ones((batch, seq), jnp.int32)
-    flops_fwd = 4 * batch * Q_HEADS * seq * seq * HEAD_DIM / 2
-    for block_q, block_k, warps, stages in ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
-                                            (128, 32, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3), (64, 256, 4, 2),
-                                            (128, 128, 4, 3), (32, 128, 4, 2)):
-        blocks = FlashBlocks(block_q=block_q, block_k=block_k, warps=warps, stages=stages)
-        run("sweep fwd", f"{batch}x{seq}", f"q{block_q} k{block_k} w{warps} s{stages}",
-            lambda q, k, v, b=blocks: flash_attention(q, k, v, q_segments=segments, kv_segments=segments,
-                                                      blocks=b), (q, k, v), flops_fwd, args.repeats)
-    for block_q, block_k, warps, stages in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
-                                            (64, 64, 4, 3), (32, 128, 4, 2)):
-        blocks = FlashBlocks(bwd_block_q=block_q, bwd_block_k=block_k, bwd_warps=warps, bwd_stages=stages)
-        run("sweep fwd+bwd", f"{batch}x{seq}", f"bwd q{block_q} k{block_k} w{warps} s{stages}",
-            gradient(lambda q, k, v, b=blocks: flash_attention(q, k, v, q_segments=segments, kv_segments=segments,
-                                                               blocks=b)), (q, k, v), 3.5 * flops_fwd, args.repeats)
+    for seq in args.seq:
+        batch = max(args.tokens // seq, 1)
+        q, k, v = random_qkv(batch, seq, seq)
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        flops_fwd = 4 * batch * Q_HEADS * seq * seq * HEAD_DIM / 2
+        shape = f"{batch}x{seq}"
+        cudnn = self_attention("cudnn", None, positions) if jax.default_backend() == "gpu" else None
+        if "fwd" in args.sweep:
+            if cudnn:
+                run("sweep fwd", shape, "cudnn", cudnn, (q, k, v), flops_fwd, args.repeats)
+            for block_q, block_k, warps, stages in FORWARD_TILES:
+                blocks = FlashBlocks(block_q=block_q, block_k=block_k, warps=warps, stages=stages)
+                run("sweep fwd", shape, f"q{block_q} k{block_k} w{warps} s{stages}",
+                    lambda q, k, v, b=blocks: flash_attention(q, k, v, blocks=b), (q, k, v), flops_fwd,
+                    args.repeats)
+        if "bwd" not in args.sweep:
+            continue
+        if cudnn:
+            run("sweep fwd+bwd", shape, "cudnn", gradient(cudnn), (q, k, v), 3.5 * flops_fwd, args.repeats)
+        for dkv_q, dkv_k, dq_q, dq_k, warps, stages in BACKWARD_TILES:
+            blocks = FlashBlocks(dkv_block_q=dkv_q, dkv_block_k=dkv_k, dq_block_q=dq_q, dq_block_k=dq_k,
+                                 bwd_warps=warps, bwd_stages=stages)
+            run("sweep fwd+bwd", shape, f"dkv q{dkv_q} k{dkv_k}, dq q{dq_q} k{dq_k}, w{warps} s{stages}",
+                gradient(lambda q, k, v, b=blocks: flash_attention(q, k, v, blocks=b)), (q, k, v),
+                3.5 * flops_fwd, args.repeats)
 
 
 PARTS = {"train": part_train, "prefill": part_prefill, "vision": part_vision, "decode": part_decode}
@@ -174,11 +214,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192], help="train part lengths")
     parser.add_argument("--tokens", type=int, default=32768, help="train part: batch = tokens // seq")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--sweep", action="store_true", help="time Pallas flash tile sizes instead")
+    parser.add_argument("--sweep", nargs="*", choices=("fwd", "bwd"), default=None,
+                        help="time Pallas flash tile sizes instead: forward, backward or (no value) both")
+    parser.add_argument("--in-loop", type=int, default=0, metavar="N",
+                        help="time N chained calls inside one jit (no host dispatch per call) and divide by N")
     args = parser.parse_args()
+    IN_LOOP["calls"] = args.in_loop
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
     print("| part | shape | implementation | ms | TFLOP/s |\n|---|---|---|---:|---:|")
-    if args.sweep:
+    if args.sweep is not None:
+        args.sweep = args.sweep or ["fwd", "bwd"]
         sweep(args)
         return
     for name in args.parts:

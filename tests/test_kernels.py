@@ -20,7 +20,9 @@ from smoljax.kernels.flash_attention import FlashBlocks, flash_attention
 from smoljax.models import smollm2
 from smoljax.params import llama_specs
 
-SMALL = FlashBlocks(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16)
+SMALL = FlashBlocks(block_q=16, block_k=16, dkv_block_q=16, dkv_block_k=16, dq_block_q=16, dq_block_k=16)
+# Unequal backward tiles: the dK/dV kernel steps over queries in blocks smaller than its keys, dQ the other way.
+UNEVEN = FlashBlocks(block_q=16, block_k=16, dkv_block_q=8, dkv_block_k=32, dq_block_q=32, dq_block_k=8)
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
@@ -72,19 +74,23 @@ def test_flash_forward_matches_reference(causal, packed, dtype):
         assert not np.any(np.asarray(out[2], np.float32)), "an all-padding row must give zeros"
 
 
-@pytest.mark.parametrize("causal, packed, heads", [(True, True, (6, 2)), (True, False, (4, 4)),
-                                                   (False, True, (6, 3))])
-def test_flash_gradients_match_reference(causal, packed, heads):
-    q, k, v = _qkv(2, 45, 45, *heads, 16, jnp.float32, seed=3)
-    segments = _packed_segments(2, 45) if packed else None
+@pytest.mark.parametrize("blocks", [SMALL, UNEVEN], ids=["even", "uneven"])
+@pytest.mark.parametrize("causal, packed, heads, offset", [(True, True, (6, 2), 0), (True, False, (4, 4), 0),
+                                                           (False, True, (6, 3), 0), (True, True, (6, 2), 13)])
+def test_flash_gradients_match_reference(causal, packed, heads, offset, blocks):
+    """Gradients of q, k and v; with an offset the queries are the last 45 of 58 keys (the diagonal blocks of the
+    dK/dV kernel then start mid-block)."""
+    q, k, v = _qkv(2, 45, 45 + offset, *heads, 16, jnp.float32, seed=3)
+    kv_segments = _packed_segments(2, 45 + offset) if packed else None
+    segments = None if kv_segments is None else kv_segments[:, offset:]
     weights = _random(q.shape, jnp.float32, 9)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
-    flash = loss(lambda q, k, v: flash_attention(q, k, v, q_segments=segments, kv_segments=segments,
-                                                 causal=causal, blocks=SMALL, interpret=True))
-    reference = loss(lambda q, k, v: _reference(q, k, v, segments, segments, causal))
+    flash = loss(lambda q, k, v: flash_attention(q, k, v, q_segments=segments, kv_segments=kv_segments,
+                                                 causal=causal, q_offset=offset, blocks=blocks, interpret=True))
+    reference = loss(lambda q, k, v: _reference(q, k, v, segments, kv_segments, causal, q_offset=offset))
     for actual, expected in zip(jax.grad(flash, (0, 1, 2))(q, k, v), jax.grad(reference, (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(actual, expected, atol=5e-5, rtol=5e-5)
 

@@ -33,16 +33,20 @@ LOG2_E = math.log2(math.e)
 class FlashBlocks:
     """Tile sizes (powers of two) and Triton launch parameters, forward and backward.
 
-    block_q x block_k is the score tile each program holds at a time. The defaults were chosen on an H100 for
-    head_dim 64 (`benchmarks/bench_attention.py --sweep`; `benchmarks/NOTES-kernels.md`).
+    block_q x block_k is the score tile each program holds at a time: in the forward, and in each backward kernel
+    (dK/dV: a program owns dkv_block_k keys and steps over dkv_block_q queries; dQ: it owns dq_block_q queries and
+    steps over dq_block_k keys). The defaults were chosen on an H100 for head_dim 64
+    (`benchmarks/bench_attention.py --sweep`; `benchmarks/NOTES-kernels.md`).
     """
 
     block_q: int = 64
     block_k: int = 64
     warps: int = 4
     stages: int = 3
-    bwd_block_q: int = 64
-    bwd_block_k: int = 64
+    dkv_block_q: int = 64
+    dkv_block_k: int = 64
+    dq_block_q: int = 64
+    dq_block_k: int = 64
     bwd_warps: int = 4
     bwd_stages: int = 2
 
@@ -186,29 +190,46 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
     v = v_ref[...]
     k_index = k_start + jnp.arange(block_k)
     k_seg = None if kseg_ref is None else kseg_ref[pl.ds(k_start, block_k)]
-    first_q_block = jnp.maximum(k_start - q_offset, 0) // block_q if causal else jnp.int32(0)
-    blocks_per_head = jnp.maximum(num_q_blocks - first_q_block, 0)
+    num_q_blocks = jnp.int32(num_q_blocks)
+    if causal:
+        # Query blocks before first_q_block see none of these keys; those from unmasked_q_block on see all of them,
+        # so only the blocks in between (the diagonal) pay for the causal compare.
+        first_q_block = jnp.maximum(k_start - q_offset, 0) // block_q
+        last_key_past_offset = jnp.maximum(k_start + block_k - 1 - q_offset, 0)
+        unmasked_q_block = jnp.clip((last_key_past_offset + block_q - 1) // block_q, first_q_block, num_q_blocks)
+    else:
+        first_q_block = unmasked_q_block = jnp.int32(0)
 
-    def body(step, carry):
-        dk, dv = carry
-        # Truncating division (operands are never negative): no sign fix-up for Triton to lower.
-        head = jax.lax.div(step, blocks_per_head)
-        q_start = (first_q_block + jax.lax.rem(step, blocks_per_head)) * block_q
-        q_slice = pl.ds(q_start, block_q)
-        q = q_ref[q_slice, head, :]
-        do = do_ref[q_slice, head, :]
-        q_seg = None if qseg_ref is None else qseg_ref[q_slice]
-        probs = _score_tile(q, k, lse_ref[head, q_slice], q_offset + q_start + jnp.arange(block_q), k_index,
-                            q_seg, k_seg, causal, scale)
-        dv = dv + jnp.dot(probs.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
-        dprobs = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-        dscores = probs * (dprobs - delta_ref[head, q_slice][:, None])
-        dk = dk + jnp.dot(dscores.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
-        return dk, dv
+    def steps(first_block, end_block, mask_causal: bool):
+        """The body over every (group head, query block in [first_block, end_block)) as one flat loop."""
+        blocks_per_head = end_block - first_block
+
+        def body(step, carry):
+            dk, dv = carry
+            # Truncating division (operands are never negative): no sign fix-up for Triton to lower.
+            head = jax.lax.div(step, blocks_per_head)
+            q_start = (first_block + jax.lax.rem(step, blocks_per_head)) * block_q
+            q_slice = pl.ds(q_start, block_q)
+            q = q_ref[q_slice, head, :]
+            do = do_ref[q_slice, head, :]
+            q_seg = None if qseg_ref is None else qseg_ref[q_slice]
+            probs = _score_tile(q, k, lse_ref[head, q_slice], q_offset + q_start + jnp.arange(block_q), k_index,
+                                q_seg, k_seg, mask_causal, scale)
+            dv = dv + jnp.dot(probs.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
+            dprobs = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+            dscores = probs * (dprobs - delta_ref[head, q_slice][:, None])
+            dk = dk + jnp.dot(dscores.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
+            return dk, dv
+        return group * blocks_per_head, body
 
     head_dim = k_ref.shape[-1]
     zeros = jnp.zeros((block_k, head_dim), jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, group * blocks_per_head, body, (zeros, zeros))
+    carry = (zeros, zeros)
+    if causal:
+        count, body = steps(first_q_block, unmasked_q_block, mask_causal=True)
+        carry = jax.lax.fori_loop(0, count, body, carry)
+    count, body = steps(unmasked_q_block, num_q_blocks, mask_causal=False)
+    dk, dv = jax.lax.fori_loop(0, count, body, carry)
     # Scores were scaled by scale (which folds in log2 e); the chain rule through exp2 multiplies by ln 2.
     dk_ref[...] = (dk * (scale / LOG2_E)).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -247,7 +268,7 @@ def _backward(q, k, v, q_offset, q_seg, k_seg, out, lse, d_out, *, causal: bool,
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
-    block_q, block_k = blocks.bwd_block_q, blocks.bwd_block_k
+    block_q, block_k = blocks.dkv_block_q, blocks.dkv_block_k
     scale = head_dim ** -0.5 * LOG2_E
     # delta_i = sum_d dO_i * O_i, the softmax Jacobian's row term; a small XLA fusion.
     delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -281,6 +302,7 @@ def _backward(q, k, v, q_offset, q_seg, k_seg, out, lse, d_out, *, causal: bool,
         name="smoljax_flash_backward_dkv",
     )(q_offset, q_grouped, k, v, do_grouped, row_grouped(lse), row_grouped(delta), q_seg, k_seg)
 
+    block_q, block_k = blocks.dq_block_q, blocks.dq_block_k
     num_q_blocks = q_len // block_q
     q_block, row_block, inputs, segments = _query_program_specs(q_len, kv_len, head_dim, group, block_q,
                                                                 with_segments)
@@ -346,8 +368,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax
         raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads})")
     if (q_segments is None) != (kv_segments is None):
         raise ValueError("give both q_segments and kv_segments, or neither")
-    tile_q = max(blocks.block_q, blocks.bwd_block_q)
-    tile_k = max(blocks.block_k, blocks.bwd_block_k)
+    tile_q = max(blocks.block_q, blocks.dkv_block_q, blocks.dq_block_q)
+    tile_k = max(blocks.block_k, blocks.dkv_block_k, blocks.dq_block_k)
     padded_q, padded_k = -(-q_len // tile_q) * tile_q, -(-kv_len // tile_k) * tile_k
     if q_segments is None and (padded_k != kv_len and not causal):
         # Tail keys must be masked, and only segment ids can say so.
