@@ -160,6 +160,22 @@ def test_flash_with_query_offset_is_a_prefill_into_a_cache():
     _close(out, _reference(q, k, v, q_seg, jnp.asarray(kv_seg), True, q_offset=offset), jnp.float32)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_with_a_hole_in_the_keys_never_attends_to_it(causal):
+    """The forward skips the segment compare on key blocks inside a row's one-segment span; a segment whose keys
+    are split by empty slots (a hole of segment 0, or another segment between) has no such span, and the hole's
+    keys must stay invisible. Row 0: segment 1, a hole, segment 1 again; row 1: 1, then 2, then 1; row 2: one run."""
+    batch, length = 3, 80
+    q, k, v = _qkv(batch, length, length, 6, 2, 16, jnp.float32, seed=8)
+    kv_seg = np.ones((batch, length), np.int32)
+    kv_seg[0, 20:45] = 0
+    kv_seg[1, 30:50] = 2
+    q_seg = jnp.asarray(kv_seg)
+    out = flash_attention(q, k, v, q_segments=q_seg, kv_segments=q_seg, causal=causal, blocks=SMALL,
+                          interpret=True)
+    _close(out, _reference(q, k, v, q_seg, q_seg, causal), jnp.float32)
+
+
 def _cache_case(batch, slots, seed=0):
     """Segments and live ranges of a ragged cache: left padding, a hole of empty slots, an empty row."""
     rng = np.random.default_rng(seed)

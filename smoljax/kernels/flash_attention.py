@@ -76,21 +76,51 @@ def _causal_kv_blocks(q_start, q_offset, block_q: int, block_k: int, num_k_block
     return jnp.minimum(last_visible // block_k + 1, num_k_blocks)
 
 
-def _kv_loop(body, init, causal: bool, q_start, q_offset, block_q: int, block_k: int, num_k_blocks: int):
-    """Runs body(key_block, carry, mask_causal) over the key blocks a query block sees. Under causal masking the
-    blocks wholly before the query block's first index skip the causal compare (only the diagonal ones need it)."""
-    if not causal:
-        return jax.lax.fori_loop(0, num_k_blocks, functools.partial(body, mask_causal=False), init)
-    upper = _causal_kv_blocks(q_start, q_offset, block_q, block_k, num_k_blocks)
-    unmasked = jnp.minimum((q_offset + q_start + 1) // block_k, upper)
-    carry = jax.lax.fori_loop(0, unmasked, functools.partial(body, mask_causal=False), init)
-    return jax.lax.fori_loop(unmasked, upper, functools.partial(body, mask_causal=True), carry)
+def _kv_loop(body, init, causal: bool, q_start, q_offset, block_q: int, block_k: int, num_k_blocks: int,
+             one_segment=None):
+    """Runs body(key_block, carry, mask_causal[, mask_segments=False]) over the key blocks a query block sees.
+
+    Under causal masking the blocks wholly before the query block's first index skip the causal compare (only the
+    diagonal ones need it). one_segment: key blocks [first, end) whose keys all share the query block's one
+    segment, which skip the segment compare too (None: every block compares)."""
+    if causal:
+        upper = _causal_kv_blocks(q_start, q_offset, block_q, block_k, num_k_blocks)
+        unmasked = jnp.minimum((q_offset + q_start + 1) // block_k, upper)
+    else:
+        upper = unmasked = num_k_blocks
+    carry = init
+    if one_segment is None:
+        carry = jax.lax.fori_loop(0, unmasked, functools.partial(body, mask_causal=False), carry)
+    else:
+        first = jnp.clip(one_segment[0], 0, unmasked)
+        end = jnp.clip(one_segment[1], first, unmasked)
+        carry = jax.lax.fori_loop(0, first, functools.partial(body, mask_causal=False), carry)
+        carry = jax.lax.fori_loop(first, end, functools.partial(body, mask_causal=False, mask_segments=False), carry)
+        carry = jax.lax.fori_loop(end, unmasked, functools.partial(body, mask_causal=False), carry)
+    if causal:
+        carry = jax.lax.fori_loop(unmasked, upper, functools.partial(body, mask_causal=True), carry)
+    return carry
+
+
+def _one_segment_spans(q_seg: jax.Array, k_seg: jax.Array) -> jax.Array:
+    """[B, 4] int32 per row: (s, lo, hi, 0) where s is the row's last segment (its largest id: a prompt's tokens,
+    a packed row's last document) and keys [lo, hi) are exactly the keys of segment s; all zeros where those keys
+    are not one contiguous run. A query block wholly in segment s needs no segment compare against keys there.
+    (Four columns: Triton blocks are powers of two.)"""
+    segment = jnp.max(q_seg, axis=1)
+    in_segment = k_seg == segment[:, None]
+    kv_len = k_seg.shape[1]
+    lo = jnp.argmax(in_segment, axis=1).astype(jnp.int32)
+    hi = (kv_len - jnp.argmax(in_segment[:, ::-1], axis=1)).astype(jnp.int32)
+    contiguous = (jnp.sum(in_segment, axis=1) == hi - lo) & jnp.any(in_segment, axis=1) & (segment != 0)
+    span = jnp.stack([segment, lo, hi, jnp.zeros_like(lo)], axis=1).astype(jnp.int32)
+    return jnp.where(contiguous[:, None], span, 0)
 
 
 # --- forward ----------------------------------------------------------------------------------------------------
 
-def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale: float,
-                    causal: bool, block_q: int, block_k: int, num_q_blocks: int):
+def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, span_ref, o_ref, lse_ref, *,
+                    scale: float, causal: bool, block_q: int, block_k: int, num_q_blocks: int):
     # One program: one (batch row, query head, query block). Heavy causal blocks (the last ones) launch first.
     q_block = num_q_blocks - 1 - pl.program_id(0)
     q_start = q_block * block_q
@@ -99,14 +129,20 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, 
     q = q_ref[...]
     q_index = q_offset + q_start + jnp.arange(block_q)
     q_seg = None if qseg_ref is None else qseg_ref[pl.ds(q_start, block_q)]
+    one_segment = None
+    if span_ref is not None:  # key blocks inside the row's one-segment span, when this query block is all in it
+        segment, lo, hi = span_ref[0], span_ref[1], span_ref[2]
+        inside = (jnp.min(q_seg) == segment) & (jnp.max(q_seg) == segment)
+        one_segment = (jnp.where(inside, (lo + block_k - 1) // block_k, 0), jnp.where(inside, hi // block_k, 0))
 
-    def body(kb, carry, mask_causal: bool):
+    def body(kb, carry, mask_causal: bool, mask_segments: bool = True):
         acc, m_prev, l_prev = carry
         k_slice = pl.ds(kb * block_k, block_k)
         # Raw scores; the scale is applied in the exponent's multiply-add (one pass over the tile, not two).
         scores = jnp.dot(q, k_ref[k_slice, :].T, preferred_element_type=jnp.float32)
-        k_seg = None if kseg_ref is None else kseg_ref[k_slice]
-        mask = _visible(q_index, kb * block_k + jnp.arange(block_k), q_seg, k_seg, mask_causal)
+        k_seg = None if kseg_ref is None or not mask_segments else kseg_ref[k_slice]
+        mask = _visible(q_index, kb * block_k + jnp.arange(block_k), q_seg if mask_segments else None, k_seg,
+                        mask_causal)
         if mask is not None:
             scores = jnp.where(mask, scores, -jnp.inf)
         m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1) * scale)
@@ -121,7 +157,7 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, 
     head_dim = q_ref.shape[-1]
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = _kv_loop(body, init, causal, q_start, q_offset, block_q, block_k, num_k_blocks)
+    acc, m, l = _kv_loop(body, init, causal, q_start, q_offset, block_q, block_k, num_k_blocks, one_segment)
     seen = l > 0.0
     o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), 0.0)
@@ -150,12 +186,15 @@ def _forward(q, k, v, q_offset, q_seg, k_seg, *, causal: bool, blocks: FlashBloc
     num_q_blocks = q_len // block_q
     kernel = functools.partial(_forward_kernel, scale=head_dim ** -0.5 * LOG2_E, causal=causal, block_q=block_q,
                                block_k=block_k, num_q_blocks=num_q_blocks)
+    with_segments = q_seg is not None
     q_block, row_block, inputs, segments = _query_program_specs(q_len, kv_len, head_dim, group, block_q,
-                                                                q_seg is not None)
+                                                                with_segments)
+    spans = _one_segment_spans(q_seg, k_seg) if with_segments else None
     out, lse = pl.pallas_call(
         kernel,
         grid=(num_q_blocks, batch, q_heads),
-        in_specs=[*inputs, *segments],
+        in_specs=[*inputs, *segments,
+                  pl.BlockSpec((None, 4), lambda i, b, h: (b, 0)) if with_segments else None],
         out_specs=[pl.BlockSpec((None, block_q, None, head_dim), q_block),
                    pl.BlockSpec((None, None, block_q), row_block)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -163,7 +202,7 @@ def _forward(q, k, v, q_offset, q_seg, k_seg, *, causal: bool, blocks: FlashBloc
         compiler_params=None if interpret else _compiler_params(blocks.warps, blocks.stages),
         interpret=interpret,
         name="smoljax_flash_forward",
-    )(q_offset, q, k, v, q_seg, k_seg)
+    )(q_offset, q, k, v, q_seg, k_seg, spans)
     return out, lse
 
 
