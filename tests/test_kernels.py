@@ -162,18 +162,26 @@ def test_flash_with_query_offset_is_a_prefill_into_a_cache():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_with_a_hole_in_the_keys_never_attends_to_it(causal):
-    """The forward skips the segment compare on key blocks inside a row's one-segment span; a segment whose keys
-    are split by empty slots (a hole of segment 0, or another segment between) has no such span, and the hole's
-    keys must stay invisible. Row 0: segment 1, a hole, segment 1 again; row 1: 1, then 2, then 1; row 2: one run."""
+    """Forward and gradients. The kernels skip the segment compare between blocks that lie wholly in one segment's
+    span; a segment whose positions are split by a hole (segment 0, or another segment between) has no span, and the
+    hole must stay invisible. Row 0: segment 1, a hole, segment 1 again; row 1: 1, then 2, then 1; row 2: one run."""
     batch, length = 3, 80
     q, k, v = _qkv(batch, length, length, 6, 2, 16, jnp.float32, seed=8)
     kv_seg = np.ones((batch, length), np.int32)
     kv_seg[0, 20:45] = 0
     kv_seg[1, 30:50] = 2
     q_seg = jnp.asarray(kv_seg)
-    out = flash_attention(q, k, v, q_segments=q_seg, kv_segments=q_seg, causal=causal, blocks=SMALL,
-                          interpret=True)
-    _close(out, _reference(q, k, v, q_seg, q_seg, causal), jnp.float32)
+    weights = _random(q.shape, jnp.float32, 4)
+
+    def outputs_and_grads(attend):
+        loss = lambda q, k, v: jnp.sum(attend(q, k, v) * weights)  # noqa: E731
+        return attend(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    got = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, q_segments=q_seg, kv_segments=q_seg,
+                                                            causal=causal, blocks=UNEVEN, interpret=True))
+    want = outputs_and_grads(lambda q, k, v: _reference(q, k, v, q_seg, q_seg, causal))
+    for actual, expected in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(actual, expected, atol=5e-5, rtol=5e-5)
 
 
 def _cache_case(batch, slots, seed=0):

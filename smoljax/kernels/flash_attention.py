@@ -102,19 +102,28 @@ def _kv_loop(body, init, causal: bool, q_start, q_offset, block_q: int, block_k:
     return carry
 
 
-def _one_segment_spans(q_seg: jax.Array, k_seg: jax.Array) -> jax.Array:
-    """[B, 4] int32 per row: (s, lo, hi, 0) where s is the row's last segment (its largest id: a prompt's tokens,
-    a packed row's last document) and keys [lo, hi) are exactly the keys of segment s; all zeros where those keys
-    are not one contiguous run. A query block wholly in segment s needs no segment compare against keys there.
-    (Four columns: Triton blocks are powers of two.)"""
-    segment = jnp.max(q_seg, axis=1)
-    in_segment = k_seg == segment[:, None]
-    kv_len = k_seg.shape[1]
-    lo = jnp.argmax(in_segment, axis=1).astype(jnp.int32)
-    hi = (kv_len - jnp.argmax(in_segment[:, ::-1], axis=1)).astype(jnp.int32)
-    contiguous = (jnp.sum(in_segment, axis=1) == hi - lo) & jnp.any(in_segment, axis=1) & (segment != 0)
-    span = jnp.stack([segment, lo, hi, jnp.zeros_like(lo)], axis=1).astype(jnp.int32)
-    return jnp.where(contiguous[:, None], span, 0)
+def _block_spans(own: jax.Array, other: jax.Array, block: int) -> jax.Array:
+    """Where each block of a kernel's own axis can skip the segment compare. own: [B, T] segment ids along the axis
+    the programs own (whole blocks of `block`), other: [B, S] those along the axis they loop over. Returns
+    [B, T // block, 4] int32: (s, lo, hi, 0) where the block lies wholly in segment s != 0 and the positions of s
+    along `other` are exactly [lo, hi); zeros where not (mixed block, padding, or s split by a hole). Four columns:
+    Triton blocks are powers of two."""
+    batch, length = own.shape
+    blocks = own.reshape(batch, length // block, block)
+    segment = blocks[:, :, 0]
+    in_segment = other[:, None, :] == segment[:, :, None]
+    lo = jnp.argmax(in_segment, axis=-1).astype(jnp.int32)
+    hi = (other.shape[1] - jnp.argmax(in_segment[..., ::-1], axis=-1)).astype(jnp.int32)
+    clean = (jnp.all(blocks == segment[:, :, None], axis=-1) & (segment != 0) & jnp.any(in_segment, axis=-1)
+             & (jnp.sum(in_segment, axis=-1) == hi - lo))
+    spans = jnp.stack([segment, lo, hi, jnp.zeros_like(lo)], axis=-1).astype(jnp.int32)
+    return jnp.where(clean[..., None], spans, 0)
+
+
+def _whole_blocks_within(span_ref, block: int):
+    """The blocks [first, end) of `block` positions that lie inside a span (s, lo, hi) read from span_ref."""
+    lo, hi = span_ref[1], span_ref[2]
+    return (lo + block - 1) // block, hi // block
 
 
 # --- forward ----------------------------------------------------------------------------------------------------
@@ -129,11 +138,8 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, span_re
     q = q_ref[...]
     q_index = q_offset + q_start + jnp.arange(block_q)
     q_seg = None if qseg_ref is None else qseg_ref[pl.ds(q_start, block_q)]
-    one_segment = None
-    if span_ref is not None:  # key blocks inside the row's one-segment span, when this query block is all in it
-        segment, lo, hi = span_ref[0], span_ref[1], span_ref[2]
-        inside = (jnp.min(q_seg) == segment) & (jnp.max(q_seg) == segment)
-        one_segment = (jnp.where(inside, (lo + block_k - 1) // block_k, 0), jnp.where(inside, hi // block_k, 0))
+    # Key blocks wholly inside this query block's one segment (none when the block is mixed or padding).
+    one_segment = None if span_ref is None else _whole_blocks_within(span_ref, block_k)
 
     def body(kb, carry, mask_causal: bool, mask_segments: bool = True):
         acc, m_prev, l_prev = carry
@@ -178,6 +184,11 @@ def _query_program_specs(q_len: int, kv_len: int, head_dim: int, group: int, blo
     return q_block, row_block, inputs, segments
 
 
+def _span_spec(num_q_blocks: int) -> pl.BlockSpec:
+    """The BlockSpec of a query-block program's row of `_block_spans` (programs run the last query block first)."""
+    return pl.BlockSpec((None, None, 4), lambda i, b, h: (b, num_q_blocks - 1 - i, 0))
+
+
 def _forward(q, k, v, q_offset, q_seg, k_seg, *, causal: bool, blocks: FlashBlocks, interpret: bool):
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -189,12 +200,11 @@ def _forward(q, k, v, q_offset, q_seg, k_seg, *, causal: bool, blocks: FlashBloc
     with_segments = q_seg is not None
     q_block, row_block, inputs, segments = _query_program_specs(q_len, kv_len, head_dim, group, block_q,
                                                                 with_segments)
-    spans = _one_segment_spans(q_seg, k_seg) if with_segments else None
+    spans = _block_spans(q_seg, k_seg, block_q) if with_segments else None
     out, lse = pl.pallas_call(
         kernel,
         grid=(num_q_blocks, batch, q_heads),
-        in_specs=[*inputs, *segments,
-                  pl.BlockSpec((None, 4), lambda i, b, h: (b, 0)) if with_segments else None],
+        in_specs=[*inputs, *segments, _span_spec(num_q_blocks) if with_segments else None],
         out_specs=[pl.BlockSpec((None, block_q, None, head_dim), q_block),
                    pl.BlockSpec((None, None, block_q), row_block)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -217,8 +227,8 @@ def _score_tile(q, k, lse, q_index, k_index, q_seg, k_seg, causal: bool, scale: 
     return jnp.exp2(scores - lse[:, None])
 
 
-def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref, *,
-                scale: float, causal: bool, block_q: int, block_k: int, group: int):
+def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, span_ref, dk_ref,
+                dv_ref, *, scale: float, causal: bool, block_q: int, block_k: int, group: int):
     # One program: one (batch row, KV head, key block). It owns dK/dV of that block and sums over every query head
     # of the group and every query block that can see it, so no two programs write the same rows.
     k_block = pl.program_id(0)
@@ -239,7 +249,7 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
     else:
         first_q_block = unmasked_q_block = jnp.int32(0)
 
-    def steps(first_block, end_block, mask_causal: bool):
+    def steps(first_block, end_block, mask_causal: bool, mask_segments: bool = True):
         """The body over every (group head, query block in [first_block, end_block)) as one flat loop."""
         blocks_per_head = end_block - first_block
 
@@ -251,9 +261,9 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
             q_slice = pl.ds(q_start, block_q)
             q = q_ref[q_slice, head, :]
             do = do_ref[q_slice, head, :]
-            q_seg = None if qseg_ref is None else qseg_ref[q_slice]
+            q_seg = None if qseg_ref is None or not mask_segments else qseg_ref[q_slice]
             probs = _score_tile(q, k, lse_ref[head, q_slice], q_offset + q_start + jnp.arange(block_q), k_index,
-                                q_seg, k_seg, mask_causal, scale)
+                                q_seg, k_seg if mask_segments else None, mask_causal, scale)
             dv = dv + jnp.dot(probs.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
             dprobs = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
             dscores = probs * (dprobs - delta_ref[head, q_slice][:, None])
@@ -267,14 +277,23 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
     if causal:
         count, body = steps(first_q_block, unmasked_q_block, mask_causal=True)
         carry = jax.lax.fori_loop(0, count, body, carry)
-    count, body = steps(unmasked_q_block, num_q_blocks, mask_causal=False)
-    dk, dv = jax.lax.fori_loop(0, count, body, carry)
+    if span_ref is None:
+        count, body = steps(unmasked_q_block, num_q_blocks, mask_causal=False)
+        dk, dv = jax.lax.fori_loop(0, count, body, carry)
+    else:  # query blocks wholly inside this key block's one segment skip the segment compare too
+        first, end = _whole_blocks_within(span_ref, block_q)
+        first = jnp.clip(first, unmasked_q_block, num_q_blocks)
+        end = jnp.clip(end, first, num_q_blocks)
+        for begin, stop, compare in ((unmasked_q_block, first, True), (first, end, False), (end, num_q_blocks, True)):
+            count, body = steps(begin, stop, mask_causal=False, mask_segments=compare)
+            carry = jax.lax.fori_loop(0, count, body, carry)
+        dk, dv = carry
     # Scores were scaled by scale (which folds in log2 e); the chain rule through exp2 multiplies by ln 2.
     dk_ref[...] = (dk * (scale / LOG2_E)).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, *,
+def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, span_ref, dq_ref, *,
                scale: float, causal: bool, block_q: int, block_k: int, num_q_blocks: int):
     q_block = num_q_blocks - 1 - pl.program_id(0)
     q_start = q_block * block_q
@@ -287,18 +306,19 @@ def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg
     q_index = q_offset + q_start + jnp.arange(block_q)
     q_seg = None if qseg_ref is None else qseg_ref[pl.ds(q_start, block_q)]
 
-    def body(kb, dq, mask_causal: bool):
+    def body(kb, dq, mask_causal: bool, mask_segments: bool = True):
         k_slice = pl.ds(kb * block_k, block_k)
         k = k_ref[k_slice, :]
-        k_seg = None if kseg_ref is None else kseg_ref[k_slice]
-        probs = _score_tile(q, k, lse, q_index, kb * block_k + jnp.arange(block_k), q_seg, k_seg, mask_causal,
-                            scale)
+        k_seg = None if kseg_ref is None or not mask_segments else kseg_ref[k_slice]
+        probs = _score_tile(q, k, lse, q_index, kb * block_k + jnp.arange(block_k),
+                            q_seg if mask_segments else None, k_seg, mask_causal, scale)
         dprobs = jnp.dot(do, v_ref[k_slice, :].T, preferred_element_type=jnp.float32)
         dscores = probs * (dprobs - delta[:, None])
         return dq + jnp.dot(dscores.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
+    one_segment = None if span_ref is None else _whole_blocks_within(span_ref, block_k)
     dq = _kv_loop(body, jnp.zeros(q_ref.shape, jnp.float32), causal, q_start, q_offset, block_q, block_k,
-                  num_k_blocks)
+                  num_k_blocks, one_segment)
     dq_ref[...] = (dq * (scale / LOG2_E)).astype(dq_ref.dtype)
 
 
@@ -332,6 +352,7 @@ def _backward(q, k, v, q_offset, q_seg, k_seg, out, lse, d_out, *, causal: bool,
             pl.BlockSpec((None, None, group, q_len), lambda j, b, h: (b, h, 0, 0)),
             pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)) if with_segments else None,
             pl.BlockSpec((None, kv_len), lambda j, b, h: (b, 0)) if with_segments else None,
+            pl.BlockSpec((None, None, 4), lambda j, b, h: (b, j, 0)) if with_segments else None,
         ],
         out_specs=[pl.BlockSpec((None, block_k, None, head_dim), k_block),
                    pl.BlockSpec((None, block_k, None, head_dim), k_block)],
@@ -339,7 +360,8 @@ def _backward(q, k, v, q_offset, q_seg, k_seg, out, lse, d_out, *, causal: bool,
         compiler_params=params,
         interpret=interpret,
         name="smoljax_flash_backward_dkv",
-    )(q_offset, q_grouped, k, v, do_grouped, row_grouped(lse), row_grouped(delta), q_seg, k_seg)
+    )(q_offset, q_grouped, k, v, do_grouped, row_grouped(lse), row_grouped(delta), q_seg, k_seg,
+      _block_spans(k_seg, q_seg, block_k) if with_segments else None)
 
     block_q, block_k = blocks.dq_block_q, blocks.dq_block_k
     num_q_blocks = q_len // block_q
@@ -351,13 +373,14 @@ def _backward(q, k, v, q_offset, q_seg, k_seg, out, lse, d_out, *, causal: bool,
         grid=(num_q_blocks, batch, q_heads),
         in_specs=[*inputs, pl.BlockSpec((None, block_q, None, head_dim), q_block),
                   pl.BlockSpec((None, None, block_q), row_block), pl.BlockSpec((None, None, block_q), row_block),
-                  *segments],
+                  *segments, _span_spec(num_q_blocks) if with_segments else None],
         out_specs=pl.BlockSpec((None, block_q, None, head_dim), q_block),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
         interpret=interpret,
         name="smoljax_flash_backward_dq",
-    )(q_offset, q, k, v, d_out, lse, delta, q_seg, k_seg)
+    )(q_offset, q, k, v, d_out, lse, delta, q_seg, k_seg,
+      _block_spans(q_seg, k_seg, block_q) if with_segments else None)
     return dq, dk, dv
 
 
