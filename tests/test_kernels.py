@@ -98,8 +98,8 @@ def test_flash_gradients_match_reference(causal, packed, heads, offset, blocks):
 @pytest.fixture
 def verified_triton_lowering(monkeypatch):
     """Lowers Pallas kernels to Triton IR on any host and runs the MLIR verifier on each module, as XLA does when it
-    compiles them on a GPU. Returns the list of modules verified (filled as they lower). Uses JAX's private Triton lowering module;
-    skipped where that has moved."""
+    compiles them on a GPU. Returns the list of modules verified (filled as they lower). Uses JAX's private Triton
+    lowering module; skipped where that has moved."""
     try:
         from jax._src.pallas.triton import lowering, pallas_call_registration
     except ImportError:

@@ -89,17 +89,23 @@ def _kv_loop(body, init, causal: bool, q_start, q_offset, block_q: int, block_k:
     else:
         upper = unmasked = num_k_blocks
     carry = init
-    if one_segment is None:
-        carry = jax.lax.fori_loop(0, unmasked, functools.partial(body, mask_causal=False), carry)
-    else:
-        first = jnp.clip(one_segment[0], 0, unmasked)
-        end = jnp.clip(one_segment[1], first, unmasked)
-        carry = jax.lax.fori_loop(0, first, functools.partial(body, mask_causal=False), carry)
-        carry = jax.lax.fori_loop(first, end, functools.partial(body, mask_causal=False, mask_segments=False), carry)
-        carry = jax.lax.fori_loop(end, unmasked, functools.partial(body, mask_causal=False), carry)
-    if causal:
-        carry = jax.lax.fori_loop(unmasked, upper, functools.partial(body, mask_causal=True), carry)
+    for start, stop, mask_causal in ((0, unmasked, False), (unmasked, upper, True)):
+        if mask_causal and not causal:
+            continue
+        for begin, end, mask_segments in _segment_ranges(start, stop, one_segment):
+            carry = jax.lax.fori_loop(begin, end, functools.partial(body, mask_causal=mask_causal,
+                                                                    mask_segments=mask_segments), carry)
     return carry
+
+
+def _segment_ranges(start, stop, one_segment):
+    """Splits blocks [start, stop) into (begin, end, mask_segments) ranges: those inside one_segment = (first, end)
+    skip the segment compare. one_segment None: the whole range compares."""
+    if one_segment is None:
+        return ((start, stop, True),)
+    first = jnp.clip(one_segment[0], start, stop)
+    end = jnp.clip(one_segment[1], first, stop)
+    return (start, first, True), (first, end, False), (end, stop, True)
 
 
 def _block_spans(own: jax.Array, other: jax.Array, block: int) -> jax.Array:
@@ -274,20 +280,15 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
     head_dim = k_ref.shape[-1]
     zeros = jnp.zeros((block_k, head_dim), jnp.float32)
     carry = (zeros, zeros)
-    if causal:
-        count, body = steps(first_q_block, unmasked_q_block, mask_causal=True)
-        carry = jax.lax.fori_loop(0, count, body, carry)
-    if span_ref is None:
-        count, body = steps(unmasked_q_block, num_q_blocks, mask_causal=False)
-        dk, dv = jax.lax.fori_loop(0, count, body, carry)
-    else:  # query blocks wholly inside this key block's one segment skip the segment compare too
-        first, end = _whole_blocks_within(span_ref, block_q)
-        first = jnp.clip(first, unmasked_q_block, num_q_blocks)
-        end = jnp.clip(end, first, num_q_blocks)
-        for begin, stop, compare in ((unmasked_q_block, first, True), (first, end, False), (end, num_q_blocks, True)):
-            count, body = steps(begin, stop, mask_causal=False, mask_segments=compare)
+    # Query blocks wholly inside this key block's one segment skip the segment compare too.
+    one_segment = None if span_ref is None else _whole_blocks_within(span_ref, block_q)
+    for start, stop, mask_causal in ((first_q_block, unmasked_q_block, True), (unmasked_q_block, num_q_blocks, False)):
+        if mask_causal and not causal:
+            continue
+        for begin, end, mask_segments in _segment_ranges(start, stop, one_segment):
+            count, body = steps(begin, end, mask_causal=mask_causal, mask_segments=mask_segments)
             carry = jax.lax.fori_loop(0, count, body, carry)
-        dk, dv = carry
+    dk, dv = carry
     # Scores were scaled by scale (which folds in log2 e); the chain rule through exp2 multiplies by ln 2.
     dk_ref[...] = (dk * (scale / LOG2_E)).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
