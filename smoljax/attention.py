@@ -144,6 +144,34 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: ja
                            q_offset=0 if cache is None else cache.q_offset, interpret=interpret)
 
 
+def appends_in_kernel(implementation: Implementation, dtype, cache_dtype, cache_length: int) -> bool:
+    """Whether a decode step's attention runs through `decode_appending`: the Pallas decode path on a GPU (or the
+    interpreter on a CPU; TPUs have their own decode kernel), on a cache of whole kernel blocks stored in the
+    model's dtype (the kernel attends to the new key before it is stored, so it must not lose precision there)."""
+    from smoljax.cache import CACHE_BLOCK
+
+    return (resolve_implementation(implementation, dtype, "decode") == "pallas" and jax.default_backend() != "tpu"
+            and cache_dtype == dtype and cache_length % CACHE_BLOCK == 0)
+
+
+def decode_appending(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     kv_segments: jax.Array, cache: CacheView, *,
+                     q_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A decode step's attention from its q/k/v heads before RoPE, with RoPE and the write of the new key and
+    value folded into the Pallas kernel (`smoljax.kernels.decode_attention.append_and_attend`): three launches a
+    layer fewer than RoPE, two cache updates and `attention`.
+
+    qkv: [B, Hq + 2 * Hkv, D]; cos, sin: [B, D]; k_cache, v_cache: one layer's [B, S, Hkv, D]; kv_segments [B, S].
+    Returns (output [B, Hq, D], k_cache, v_cache with the new token at slot `cache.q_offset`).
+    """
+    from smoljax.cache import CACHE_BLOCK
+    from smoljax.kernels.decode_attention import append_and_attend
+
+    return append_and_attend(qkv, cos, sin, k_cache, v_cache, kv_segments, cache.kv_start, cache.kv_end,
+                             q_heads=q_heads, block_k=CACHE_BLOCK,
+                             interpret=jax.default_backend() not in ("gpu", "tpu"))
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array | None,
               kv_segments: jax.Array | None, q_positions: jax.Array, kv_positions: jax.Array, causal: bool = True,
               implementation: Implementation = "auto", cache: CacheView | None = None) -> jax.Array:

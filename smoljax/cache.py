@@ -39,6 +39,11 @@ class KVCache(NamedTuple):
     def max_length(self) -> int:
         return self.positions.shape[1]
 
+    @property
+    def dtype(self):
+        """The dtype the K/V rows are stored in."""
+        return (self.k[0] if isinstance(self.k, tuple) else self.k).dtype
+
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16, *,
                per_layer: bool = False) -> KVCache:

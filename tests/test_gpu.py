@@ -145,6 +145,27 @@ def test_pallas_decode_attention_matches_xla_on_gpu(batch):
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=2e-2)
 
 
+@pytest.mark.parametrize("batch", [1, 64])
+def test_pallas_decode_with_cache_write_matches_xla_on_gpu(batch):
+    """RoPE, the cache write and split-K attention in one kernel against the XLA ops, at SmolLM2's head shapes."""
+    from smoljax import nn
+    from smoljax.kernels.decode_attention import append_and_attend, append_and_attend_reference
+
+    rng = np.random.RandomState(9)
+    slots, slot = 2304, 1500
+    qkv = jnp.asarray(rng.randn(batch, 15, 64), jnp.bfloat16)
+    cos, sin = nn.rope_cos_sin(jnp.asarray(rng.randint(0, 8000, (batch, 1))), 64, 100000.0, jnp.bfloat16)
+    k, v = (jnp.asarray(rng.randn(batch, slots, 3, 64), jnp.bfloat16) for _ in range(2))
+    start = rng.randint(0, 300, batch)
+    segments = (np.arange(slots)[None] >= start[:, None]) & (np.arange(slots)[None] <= slot)
+    case = (qkv, cos[:, 0], sin[:, 0], k, v, jnp.asarray(segments, jnp.int32), jnp.asarray(start, jnp.int32),
+            jnp.full((batch,), slot + 1, jnp.int32))
+    got = jax.jit(append_and_attend, static_argnames="q_heads")(*case, q_heads=9)
+    want = append_and_attend_reference(*case, q_heads=9)
+    for actual, expected in zip(got, want):
+        np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32), atol=3e-2)
+
+
 def test_bf16_generation_through_the_pallas_kernels_on_gpu(models):
     """Prefill (flash with a query offset) and decode (split-K) against the XLA path in bf16: the logits of every
     step agree within bf16 rounding while both are fed the same tokens."""
@@ -165,6 +186,16 @@ def test_bf16_generation_through_the_pallas_kernels_on_gpu(models):
             step_logits, cache = generation.decode_step_jit(bf16, token, positions + step, cache, config, impl)
             steps.append(step_logits)
         logits[impl] = np.stack([np.asarray(x) for x in steps])
+    # Unrolled layers on per-layer caches: decode through the kernel with RoPE and the cache write folded in.
+    cache = generation.init_cache(config, 3, 128, jnp.bfloat16, per_layer=True)
+    step_logits, cache = generation.prefill_jit(bf16, jnp.asarray(tokens), jnp.asarray(segments), cache, config,
+                                                "pallas")
+    steps = [step_logits]
+    for step in range(8):
+        token = jnp.full((3,), 5 + step, jnp.int32)
+        step_logits, cache = generation.decode_step_jit(bf16, token, positions + step, cache, config, "pallas", True)
+        steps.append(step_logits)
+    logits["appending"] = np.stack([np.asarray(x) for x in steps])
     # The fused layer kernels on the first row alone (they decode one row).
     serving = smollm2.unstack_layers(bf16)
     cache = generation.init_cache(config, 1, 128, jnp.bfloat16, per_layer=True)
@@ -179,6 +210,7 @@ def test_bf16_generation_through_the_pallas_kernels_on_gpu(models):
     logits["fused"] = np.stack([np.asarray(x) for x in steps])
     probs = {impl: jax.nn.log_softmax(jnp.asarray(x), -1) for impl, x in logits.items()}
     assert float(jnp.mean(jnp.abs(probs["pallas"] - probs["xla"]))) < 0.05
+    assert float(jnp.mean(jnp.abs(probs["appending"] - probs["xla"]))) < 0.05
     assert float(jnp.mean(jnp.abs(probs["fused"] - probs["xla"][:, :1]))) < 0.05
 
 

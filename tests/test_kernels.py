@@ -5,6 +5,8 @@ Small tiles (16) make short sequences span several tiles, so the causal bounds, 
 skipped blocks are all exercised at sizes the interpreter runs quickly.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,9 @@ from smoljax.attention import (GPU_AUTO, KINDS, attention_kind, attention_mask, 
                                xla_attention)
 from smoljax.config import LlamaConfig
 from smoljax.errors import InputError
-from smoljax.kernels.decode_attention import choose_splits, decode_attention
+from smoljax import nn
+from smoljax.kernels.decode_attention import (append_and_attend, append_and_attend_reference, choose_splits,
+                                            decode_attention)
 from smoljax.kernels.flash_attention import FlashBlocks, flash_attention
 from smoljax.models import smollm2
 from smoljax.params import llama_specs
@@ -146,6 +150,18 @@ def test_decode_kernel_passes_the_triton_verifier(verified_triton_lowering, batc
     assert len(verified_triton_lowering) == 1
 
 
+@pytest.mark.parametrize("batch, splits", [(1, None), (1, 1), (64, None)])
+def test_decode_with_cache_write_passes_the_triton_verifier(verified_triton_lowering, batch, splits):
+    qkv = jax.ShapeDtypeStruct((batch, 15, 64), jnp.bfloat16)
+    rope = jax.ShapeDtypeStruct((batch, 64), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((batch, 320, 3, 64), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    segments = jax.ShapeDtypeStruct((batch, 320), jnp.int32)
+    step = functools.partial(append_and_attend, q_heads=9, num_splits=splits)
+    jax.jit(step).trace(qkv, rope, rope, cache, cache, segments, rows, rows).lower(lowering_platforms=("cuda",))
+    assert len(verified_triton_lowering) == 1
+
+
 def test_flash_with_query_offset_is_a_prefill_into_a_cache():
     """Queries written at slot 8 of a 64-slot cache whose first 3 slots of row 1 are left padding and whose slots
     after the new tokens are empty: the offset kernel equals the reference over the whole cache."""
@@ -228,6 +244,37 @@ def test_decode_reads_only_live_slots():
     _close(out, expected, jnp.float32)
 
 
+def _append_case(batch, slots, slot, dtype, seed=0):
+    """A decode step's q/k/v heads (9 query, 3 key, 3 value, head_dim 16), RoPE tables for each row's position and
+    a cache with garbage in its unwritten slots. Row 0 has a hole, the middle rows left padding, and the last row
+    nothing live at all: no cached slot, and a new token in segment 0 (its key is written but never attended to)."""
+    rng = np.random.default_rng(seed)
+    qkv = _random((batch, 15, 16), dtype, seed)
+    cos, sin = nn.rope_cos_sin(jnp.asarray(rng.integers(0, 90, (batch, 1))), 16, 100000.0, dtype)
+    k, v = _random((batch, slots, 3, 16), dtype, seed + 1), _random((batch, slots, 3, 16), dtype, seed + 2)
+    start = np.minimum(np.arange(batch) * 7, slot)
+    start[-1] = slot
+    segments = (np.arange(slots)[None] >= start[:, None]) & (np.arange(slots)[None] <= slot)
+    segments[0, 2:5] = False
+    segments[-1, slot] = False
+    return (qkv, cos[:, 0], sin[:, 0], k, v, jnp.asarray(segments, jnp.int32), jnp.asarray(start, jnp.int32),
+            jnp.full((batch,), slot + 1, jnp.int32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("slot, splits", [(37, None), (37, 1), (47, 2), (48, 3), (0, None)])
+def test_decode_with_rope_and_cache_write_matches_reference(slot, splits, dtype):
+    """RoPE, the cache write and split-K attention in one kernel against RoPE, dynamic-update-slice and the XLA
+    attention: outputs and both updated caches. Slot 47 ends a 16-slot block and 48 starts one (the new key is the
+    owner split's only key); slot 0 is a first token with nothing cached."""
+    case = _append_case(4, 80, slot, dtype)
+    got = append_and_attend(*case, q_heads=9, block_k=16, num_splits=splits, interpret=True)
+    want = append_and_attend_reference(*case, q_heads=9)
+    for actual, expected in zip(got, want):
+        _close(actual, expected, dtype)
+    assert not np.any(np.asarray(got[0][-1], np.float32))
+
+
 def test_decode_splits_fill_the_gpu_but_never_exceed_the_blocks():
     assert choose_splits(1, 3, 4) == 4
     assert choose_splits(1, 3, 1000) == 88
@@ -254,13 +301,33 @@ def test_model_forward_through_the_pallas_dispatch(tiny_params):
     np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-4, rtol=1e-4)
 
 
-def test_generation_through_the_pallas_kernels(tiny_params):
-    """Prefill (flash with a query offset) and decode (split-K kernel) on a ragged batch: the greedy tokens of the
-    XLA path."""
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_generation_through_the_pallas_kernels(tiny_params, unroll, monkeypatch):
+    """Prefill (flash with a query offset) and decode on a ragged batch: the greedy tokens of the XLA path. The layer
+    scan decodes through the split-K kernel; unrolled layers (per-layer caches, the accelerator default) through the
+    kernel with RoPE and the cache write folded in, which must then run once per layer."""
+    import smoljax.kernels.decode_attention as kernels
+
+    traced = []
+    monkeypatch.setattr(kernels, "append_and_attend",
+                        lambda *args, **kwargs: traced.append(1) or append_and_attend(*args, **kwargs))
     prompts = [[5, 17, 33, 9, 11, 40, 3], [40, 41]]
     tokens = {impl: generation.generate(tiny_params, TINY, prompts, max_new_tokens=6, stop_tokens=[],
-                                        attn_impl=impl, unroll_layers=False).tokens for impl in ("xla", "pallas")}
+                                        attn_impl=impl, unroll_layers=unroll, unstack_layers=unroll).tokens
+              for impl in ("xla", "pallas")}
     assert tokens["pallas"] == tokens["xla"]
+    assert len(traced) == (TINY.num_hidden_layers if unroll else 0)
+
+
+def test_the_folded_decode_kernel_needs_whole_blocks_in_the_model_dtype():
+    """The kernel attends to the new key before storing it, so a cache in a narrower dtype than the model (or one
+    not a whole number of kernel blocks) keeps the plain path, which rounds the key through the cache first."""
+    from smoljax.attention import appends_in_kernel
+
+    assert appends_in_kernel("pallas", jnp.float32, jnp.float32, 128)
+    assert not appends_in_kernel("pallas", jnp.float32, jnp.bfloat16, 128)
+    assert not appends_in_kernel("pallas", jnp.float32, jnp.float32, 100)
+    assert not appends_in_kernel("xla", jnp.float32, jnp.float32, 128)
 
 
 HEAD64 = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

@@ -5,8 +5,8 @@ Grouped-query attention reads each K/V block once for the whole query group; the
 padding of a short prompt and the unwritten tail of the cache are skipped block by block, not masked. Partial
 results of the splits are merged with their log-sum-exps in a small XLA fusion.
 
-The reference is `smoljax.attention.xla_attention` with the cache's segment mask; `tests/test_kernels.py` holds the
-two side by side.
+The reference is `smoljax.attention.xla_attention` with the cache's segment mask (for `append_and_attend`,
+`append_and_attend_reference`); `tests/test_kernels.py` holds each kernel and its reference side by side.
 """
 
 from __future__ import annotations
@@ -147,3 +147,181 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_segments: jax.
     out = grouped_decode_attention(q_grouped, k, v, kv_segments, kv_start, kv_end, block_k=block_k,
                                    num_splits=num_splits, interpret=interpret)
     return out[:, :, :group].reshape(batch, q_heads, head_dim)
+
+
+# A decode step's attention with its neighbours folded in: RoPE on the new query and key, the cache write of the
+# new key and value, and the group layout of the heads. Around `decode_attention` these take three launches a layer
+# (RoPE with the query's padding to 16 rows, and one dynamic-update-slice each for K and V, RoPE fused in); in a
+# batch-1 step, which is bound by launches, each costs about half a matrix-vector product.
+
+
+def _rope_halves(first, second, cos_ref, sin_ref, dtype):
+    """RoPE with half-split pairs (i, i + D/2) on the two halves [..., D/2] of heads, in f32, rounded to `dtype`
+    as the XLA path stores it."""
+    half = cos_ref.shape[0] // 2
+    cos_first, cos_second = (cos_ref[pl.ds(i * half, half)].astype(jnp.float32) for i in (0, 1))
+    sin_first, sin_second = (sin_ref[pl.ds(i * half, half)].astype(jnp.float32) for i in (0, 1))
+    first, second = (x.astype(jnp.float32) for x in (first, second))
+    rotated_first = first * cos_first - second * sin_first
+    rotated_second = second * cos_second + first * sin_second
+    return rotated_first.astype(dtype), rotated_second.astype(dtype)
+
+
+def _append_attend_kernel(start_ref, end_ref, qkv_ref, cos_ref, sin_ref, seg_ref, _k_in, _v_in, *out_refs,
+                          scale: float, block_k: int, blocks_per_split: int, group: int, rows: int, q_heads: int,
+                          kv_heads: int):
+    # out_refs: (out, k_cache, v_cache) with one split, else (partial out, max, sum, k_cache, v_cache).
+    *result_refs, k_ref, v_ref = out_refs
+    row, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, end = start_ref[row], end_ref[row]
+    slot = end - 1  # the new token's slot: its key and value come from registers, not from the cache
+    half = qkv_ref.shape[1] // 2
+    dtype = qkv_ref.dtype
+    from jax.experimental.pallas import triton as plgpu
+
+    # The group's query heads as one [rows, D/2] tile per half (rows past the group masked to zero), for the MMAs.
+    group_rows = pl.ds(kv_head * group, rows)
+    in_group = jnp.arange(rows) < group
+    q_first, q_second = _rope_halves(
+        *(plgpu.load(qkv_ref.at[group_rows, pl.ds(i * half, half)], mask=in_group[:, None], other=0.0)
+          for i in (0, 1)), cos_ref, sin_ref, dtype)
+    key_row = q_heads + kv_head
+    k_first, k_second = _rope_halves(qkv_ref[key_row, pl.ds(0, half)], qkv_ref[key_row, pl.ds(half, half)],
+                                     cos_ref, sin_ref, dtype)
+    new_value = qkv_ref[q_heads + kv_heads + kv_head, :].astype(dtype)
+
+    first = jnp.maximum(split * blocks_per_split, start // block_k)
+    last = jnp.minimum((split + 1) * blocks_per_split, (slot + block_k - 1) // block_k)
+
+    def fold(carry, scores, weighted_values):
+        """One step of the online softmax: scores [rows, K] (base 2, -inf where masked), weighted_values maps the
+        probabilities [rows, K] to their sum over the values [rows, D]."""
+        acc, m_prev, l_prev = carry
+        m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        probs = jnp.exp2(scores - m_safe[:, None])
+        rescale = jnp.exp2(m_prev - m_safe)
+        return (acc * rescale[:, None] + weighted_values(probs), m_next,
+                rescale * l_prev + jnp.sum(probs, axis=1))
+
+    def body(kb, carry):
+        k_slice = pl.ds(kb * block_k, block_k)
+        scores = (jnp.dot(q_first, k_ref[k_slice, pl.ds(0, half)].T, preferred_element_type=jnp.float32)
+                  + jnp.dot(q_second, k_ref[k_slice, pl.ds(half, half)].T, preferred_element_type=jnp.float32))
+        index = kb * block_k + jnp.arange(block_k)
+        live = (index >= start) & (index < slot) & (seg_ref[k_slice] != 0)
+        scores = jnp.where(live[None, :], scores * scale, -jnp.inf)
+        return fold(carry, scores, lambda probs: jnp.dot(probs.astype(v_ref.dtype), v_ref[k_slice, :],
+                                                         preferred_element_type=jnp.float32))
+
+    init = (jnp.zeros((rows, 2 * half), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    carry = jax.lax.fori_loop(first, jnp.maximum(first, last), body, init)
+
+    # Split 0 folds the new key in (the merge weighs it the same from any split) and writes it and its value to the
+    # cache; the other splits never read that slot.
+    owner = split == 0
+    new_scores = (jnp.sum(q_first.astype(jnp.float32) * k_first.astype(jnp.float32)[None, :], axis=1)
+                  + jnp.sum(q_second.astype(jnp.float32) * k_second.astype(jnp.float32)[None, :], axis=1))
+    new_live = owner & (seg_ref[slot] != 0)
+    acc, m, l = fold(carry, jnp.where(new_live, new_scores * scale, -jnp.inf)[:, None],
+                     lambda probs: probs * new_value.astype(jnp.float32)[None, :])
+
+    @pl.when(owner)
+    def _():
+        k_ref[slot, pl.ds(0, half)] = k_first.astype(k_ref.dtype)
+        k_ref[slot, pl.ds(half, half)] = k_second.astype(k_ref.dtype)
+        v_ref[slot, :] = new_value.astype(v_ref.dtype)
+
+    if len(result_refs) == 1:
+        out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(result_refs[0].dtype)
+        plgpu.store(result_refs[0].at[group_rows, :], out, mask=in_group[:, None])
+    else:
+        plgpu.store(result_refs[0].at[group_rows, :], acc, mask=in_group[:, None])
+        plgpu.store(result_refs[1].at[group_rows], m, mask=in_group)
+        plgpu.store(result_refs[2].at[group_rows], l, mask=in_group)
+
+
+def append_and_attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                      kv_segments: jax.Array, kv_start: jax.Array, kv_end: jax.Array, *, q_heads: int,
+                      block_k: int = 64, num_splits: int | None = None, num_warps: int = 4,
+                      interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's attention from the q/k/v projection: RoPE, the cache write and split-K attention in one
+    kernel (plus the merge of the splits when there are several).
+
+    qkv: [B, Hq + 2 * Hkv, D], the new token's query, key and value heads before RoPE; cos, sin: [B, D] for its
+    position (half-split RoPE); k_cache, v_cache: [B, S, Hkv, D], S a multiple of block_k, updated in place at slot
+    kv_end - 1; kv_segments [B, S] (already holding the new token's segment; 0 = never attended to); kv_start,
+    kv_end: [B] int, each row's live slots [start, end) including the new one.
+    Returns (attention output [B, Hq, D] in qkv's dtype, k_cache, v_cache).
+    """
+    batch, heads, head_dim = qkv.shape
+    cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if (heads - q_heads) != 2 * kv_heads or q_heads % kv_heads:
+        raise ValueError(f"qkv has {heads} heads; expected {q_heads} query heads (a multiple of the cache's "
+                         f"{kv_heads} key/value heads) plus {2 * kv_heads} key and value heads")
+    if cache_len % block_k:
+        raise ValueError(f"the cache has {cache_len} slots, not a whole number of {block_k}-slot blocks; "
+                         "allocate it with smoljax.cache.whole_blocks")
+    num_blocks, group = cache_len // block_k, q_heads // kv_heads
+    splits = num_splits or choose_splits(batch, kv_heads, num_blocks)
+    blocks_per_split = -(-num_blocks // splits)
+    kernel = functools.partial(_append_attend_kernel, scale=head_dim ** -0.5 * LOG2_E, block_k=block_k,
+                               blocks_per_split=blocks_per_split, group=group,
+                               rows=max(MIN_DOT_ROWS, pl.next_power_of_2(group)),
+                               q_heads=q_heads, kv_heads=kv_heads)
+    cache_spec = pl.BlockSpec((None, cache_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
+    if splits == 1:
+        result_specs = [pl.BlockSpec((None, q_heads, head_dim), lambda b, h, s: (b, 0, 0))]
+        result_shapes = [jax.ShapeDtypeStruct((batch, q_heads, head_dim), qkv.dtype)]
+    else:
+        stat_spec = pl.BlockSpec((None, None, q_heads), lambda b, h, s: (b, s, 0))
+        result_specs = [pl.BlockSpec((None, None, q_heads, head_dim), lambda b, h, s: (b, s, 0, 0)),
+                        stat_spec, stat_spec]
+        result_shapes = [jax.ShapeDtypeStruct((batch, splits, q_heads, head_dim), jnp.float32),
+                         jax.ShapeDtypeStruct((batch, splits, q_heads), jnp.float32),
+                         jax.ShapeDtypeStruct((batch, splits, q_heads), jnp.float32)]
+    from jax.experimental.pallas import triton as plgpu
+    row_vector = pl.BlockSpec((None, head_dim), lambda b, h, s: (b, 0))
+    *results, k_cache, v_cache = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, splits),
+        in_specs=[
+            pl.BlockSpec((batch,), lambda b, h, s: (0,)),
+            pl.BlockSpec((batch,), lambda b, h, s: (0,)),
+            pl.BlockSpec((None, heads, head_dim), lambda b, h, s: (b, 0, 0)),
+            row_vector, row_vector,
+            pl.BlockSpec((None, cache_len), lambda b, h, s: (b, 0)),
+            cache_spec, cache_spec,
+        ],
+        out_specs=[*result_specs, cache_spec, cache_spec],
+        out_shape=[*result_shapes, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
+        input_output_aliases={6: len(result_shapes), 7: len(result_shapes) + 1},
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="smoljax_decode_append_attention",
+    )(kv_start.astype(jnp.int32), kv_end.astype(jnp.int32), qkv, cos, sin, kv_segments.astype(jnp.int32),
+      k_cache, v_cache)
+    out = results[0] if splits == 1 else merge_splits(*results).astype(qkv.dtype)
+    return out, k_cache, v_cache
+
+
+def append_and_attend_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
+                                v_cache: jax.Array, kv_segments: jax.Array, kv_start: jax.Array, kv_end: jax.Array, *,
+                                q_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What `append_and_attend` computes, in XLA ops as the model's plain path runs it: RoPE, the cache writes
+    (all rows at the same slot, kv_end[0] - 1, as in a left-padded batch) and `xla_attention`."""
+    from smoljax import nn
+    from smoljax.attention import xla_attention
+
+    kv_heads = k_cache.shape[2]
+    q, k, v = jnp.split(qkv[:, None], [q_heads, q_heads + kv_heads], axis=2)
+    q, k = (nn.apply_rope(x, cos[:, None], sin[:, None]) for x in (q, k))
+    slot = (0, kv_end[0] - 1, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), slot)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), slot)
+    index = jnp.arange(k_cache.shape[1])
+    live = (kv_segments != 0) & (index >= kv_start[:, None]) & (index < kv_end[:, None])
+    out = xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), live[:, None, :])
+    return out[:, 0], k_cache, v_cache

@@ -14,7 +14,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from smoljax import nn
-from smoljax.attention import CacheView, Implementation, attention
+from smoljax.attention import CacheView, Implementation, appends_in_kernel, attention, decode_appending
 from smoljax.cache import KVCache, write_metadata
 from smoljax.config import LlamaConfig
 from smoljax.errors import InputError
@@ -112,15 +112,24 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)]}
 
 
-def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, config: LlamaConfig):
-    """Pre-norm and the q/k/v projections with RoPE. x: [B, T, hidden] -> q [B,T,Hq,D], k, v [B,T,Hkv,D]."""
+def _qkv_heads(layer: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Pre-norm and the q/k/v projections as one array of heads, before RoPE: x [B, T, hidden] ->
+    [B, T, Hq + 2 * Hkv, D] (query heads, then key heads, then value heads)."""
     normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     if "qkv_proj_t" in layer:
         qkv = jnp.einsum("bth,nh->btn", normed, layer["qkv_proj_t"])
-        qkv = qkv.reshape(*qkv.shape[:2], -1, config.head_dim)
+        return qkv.reshape(*qkv.shape[:2], -1, config.head_dim)
+    return jnp.concatenate([jnp.einsum("bth,hnd->btnd", normed, layer[name])
+                            for name in ("q_proj", "k_proj", "v_proj")], axis=2)
+
+
+def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, config: LlamaConfig):
+    """Pre-norm and the q/k/v projections with RoPE. x: [B, T, hidden] -> q [B,T,Hq,D], k, v [B,T,Hkv,D]."""
+    if "qkv_proj_t" in layer:
         q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        q, k, v = jnp.split(qkv, [q_heads, q_heads + kv_heads], axis=2)
+        q, k, v = jnp.split(_qkv_heads(layer, x, config), [q_heads, q_heads + kv_heads], axis=2)
     else:
+        normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q = jnp.einsum("bth,hnd->btnd", normed, layer["q_proj"])
         k = jnp.einsum("bth,hnd->btnd", normed, layer["k_proj"])
         v = jnp.einsum("bth,hnd->btnd", normed, layer["v_proj"])
@@ -175,17 +184,28 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
             raise ValueError("segment_mask=False is for whole-sequence forward passes, not the KV cache")
         q_segments = kv_segments = None
 
+    # A decode step on per-layer cache buffers through the Pallas kernel folds RoPE and the cache write into the
+    # attention kernel (`attention.decode_appending`); the stacked buffers of a layer scan take the plain path.
+    appending = (view is not None and x.shape[1] == 1
+                 and appends_in_kernel(attn_impl, x.dtype, cache.dtype, cache.max_length))
+
     def layer_step(carry, layer_and_index):
         x, k_cache, v_cache = carry
         layer, index = layer_and_index
-        q, k, v = _attention_block(layer, x, cos, sin, config)
-        if k_cache is not None:
-            # Write this layer's new rows in place, then attend over the layer's whole cache buffer.
-            k_cache, k = _append_rows(k_cache, k, index, cache.end)
-            v_cache, v = _append_rows(v_cache, v, index, cache.end)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        attn_out = attention(q, k, v, q_segments=q_segments, kv_segments=kv_segments, q_positions=positions,
-                             kv_positions=kv_positions, causal=True, implementation=attn_impl, cache=view)
+        if appending and index is None:
+            attn_out, k_cache, v_cache = decode_appending(_qkv_heads(layer, x, config)[:, 0], cos[:, 0], sin[:, 0],
+                                                          k_cache, v_cache, kv_segments, view,
+                                                          q_heads=config.num_attention_heads)
+            attn_out = attn_out[:, None]
+        else:
+            q, k, v = _attention_block(layer, x, cos, sin, config)
+            if k_cache is not None:
+                # Write this layer's new rows in place, then attend over the layer's whole cache buffer.
+                k_cache, k = _append_rows(k_cache, k, index, cache.end)
+                v_cache, v = _append_rows(v_cache, v, index, cache.end)
+                k, v = k.astype(q.dtype), v.astype(q.dtype)
+            attn_out = attention(q, k, v, q_segments=q_segments, kv_segments=kv_segments, q_positions=positions,
+                                 kv_positions=kv_positions, causal=True, implementation=attn_impl, cache=view)
         x = x + _output_projection(layer, attn_out)
         x = x + _mlp_block(layer, x, config)
         return (x, k_cache, v_cache), None
