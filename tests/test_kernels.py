@@ -150,14 +150,16 @@ def test_decode_kernel_passes_the_triton_verifier(verified_triton_lowering, batc
     assert len(verified_triton_lowering) == 1
 
 
-@pytest.mark.parametrize("batch, splits", [(1, None), (1, 1), (64, None)])
-def test_decode_with_cache_write_passes_the_triton_verifier(verified_triton_lowering, batch, splits):
-    qkv = jax.ShapeDtypeStruct((batch, 15, 64), jnp.bfloat16)
+@pytest.mark.parametrize("batch, splits, q_heads, kv_heads", [(1, None, 9, 3), (1, 1, 9, 3), (64, None, 9, 3),
+                                                              (1, None, 32, 32), (1, None, 15, 5)])
+def test_decode_with_cache_write_passes_the_triton_verifier(verified_triton_lowering, batch, splits, q_heads,
+                                                            kv_heads):
+    qkv = jax.ShapeDtypeStruct((batch, q_heads + 2 * kv_heads, 64), jnp.bfloat16)
     rope = jax.ShapeDtypeStruct((batch, 64), jnp.bfloat16)
-    cache = jax.ShapeDtypeStruct((batch, 320, 3, 64), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((batch, 320, kv_heads, 64), jnp.bfloat16)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     segments = jax.ShapeDtypeStruct((batch, 320), jnp.int32)
-    step = functools.partial(append_and_attend, q_heads=9, num_splits=splits)
+    step = functools.partial(append_and_attend, q_heads=q_heads, num_splits=splits)
     jax.jit(step).trace(qkv, rope, rope, cache, cache, segments, rows, rows).lower(lowering_platforms=("cuda",))
     assert len(verified_triton_lowering) == 1
 
@@ -244,14 +246,14 @@ def test_decode_reads_only_live_slots():
     _close(out, expected, jnp.float32)
 
 
-def _append_case(batch, slots, slot, dtype, seed=0):
-    """A decode step's q/k/v heads (9 query, 3 key, 3 value, head_dim 16), RoPE tables for each row's position and
-    a cache with garbage in its unwritten slots. Row 0 has a hole, the middle rows left padding, and the last row
-    nothing live at all: no cached slot, and a new token in segment 0 (its key is written but never attended to)."""
+def _append_case(batch, slots, slot, dtype, seed=0, q_heads=9, kv_heads=3):
+    """A decode step's q/k/v heads (head_dim 16), RoPE tables for each row's position and a cache with garbage in
+    its unwritten slots. Row 0 has a hole, the middle rows left padding, and the last row nothing live at all: no
+    cached slot, and a new token in segment 0 (its key is written but never attended to)."""
     rng = np.random.default_rng(seed)
-    qkv = _random((batch, 15, 16), dtype, seed)
+    qkv = _random((batch, q_heads + 2 * kv_heads, 16), dtype, seed)
     cos, sin = nn.rope_cos_sin(jnp.asarray(rng.integers(0, 90, (batch, 1))), 16, 100000.0, dtype)
-    k, v = _random((batch, slots, 3, 16), dtype, seed + 1), _random((batch, slots, 3, 16), dtype, seed + 2)
+    k, v = (_random((batch, slots, kv_heads, 16), dtype, seed + i) for i in (1, 2))
     start = np.minimum(np.arange(batch) * 7, slot)
     start[-1] = slot
     segments = (np.arange(slots)[None] >= start[:, None]) & (np.arange(slots)[None] <= slot)
@@ -273,6 +275,16 @@ def test_decode_with_rope_and_cache_write_matches_reference(slot, splits, dtype)
     for actual, expected in zip(got, want):
         _close(actual, expected, dtype)
     assert not np.any(np.asarray(got[0][-1], np.float32))
+
+
+@pytest.mark.parametrize("q_heads, kv_heads", [(4, 4), (15, 5)], ids=["group1", "group3-5kv"])
+def test_decode_with_cache_write_at_the_family_s_other_head_layouts(q_heads, kv_heads):
+    """SmolLM2-1.7B's one query head per KV head, and SmolLM2-360M / SmolVLM2's 15 over 5."""
+    case = _append_case(3, 64, 40, jnp.float32, q_heads=q_heads, kv_heads=kv_heads)
+    got = append_and_attend(*case, q_heads=q_heads, block_k=16, interpret=True)
+    want = append_and_attend_reference(*case, q_heads=q_heads)
+    for actual, expected in zip(got, want):
+        _close(actual, expected, jnp.float32)
 
 
 def test_decode_splits_fill_the_gpu_but_never_exceed_the_blocks():
