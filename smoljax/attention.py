@@ -117,6 +117,11 @@ def resolve_implementation(implementation: Implementation, dtype=None, kind: str
     return "xla"
 
 
+def _interprets_pallas() -> bool:
+    """Whether Pallas kernels run in the interpreter: on any backend without a Pallas compiler (CPUs)."""
+    return jax.default_backend() not in ("gpu", "tpu")
+
+
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array | None,
                      kv_segments: jax.Array | None, causal: bool, cache: CacheView | None) -> jax.Array | None:
     """The Pallas kernels: Triton on GPUs, Mosaic on TPUs, the Pallas interpreter elsewhere (slow; for tests).
@@ -125,7 +130,7 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: ja
     cache (queries offset into the keys), which `attention` then runs with the XLA reference.
     """
     backend = jax.default_backend()
-    interpret = backend not in ("gpu", "tpu")
+    interpret = _interprets_pallas()
     if backend == "tpu":
         from smoljax.kernels import tpu_attention
         if cache is not None and q.shape[1] == 1:
@@ -169,7 +174,7 @@ def decode_appending(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
 
     return append_and_attend(qkv, cos, sin, k_cache, v_cache, kv_segments, cache.kv_start, cache.kv_end,
                              q_heads=q_heads, block_k=CACHE_BLOCK,
-                             interpret=jax.default_backend() not in ("gpu", "tpu"))
+                             interpret=_interprets_pallas())
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segments: jax.Array | None,

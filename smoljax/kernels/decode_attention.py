@@ -23,6 +23,17 @@ MIN_DOT_ROWS = 16  # Triton's matrix instructions need at least 16 rows: the que
 TARGET_PROGRAMS = 264  # two programs per H100 SM: enough splits that a batch-1 step fills the GPU
 
 
+def _online_softmax_step(carry, scores, weighted_values):
+    """One step of the online softmax. carry: (acc [R, D], running max [R], running sum [R]); scores [R, K] in base
+    2, -inf where masked; weighted_values maps the probabilities [R, K] to their sum over the values [R, D]."""
+    acc, m_prev, l_prev = carry
+    m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    probs = jnp.exp2(scores - m_safe[:, None])
+    rescale = jnp.exp2(m_prev - m_safe)
+    return acc * rescale[:, None] + weighted_values(probs), m_next, rescale * l_prev + jnp.sum(probs, axis=1)
+
+
 def _decode_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, seg_ref, *out_refs, scale: float, block_k: int,
                    blocks_per_split: int):
     # out_refs: the normalised output (one split), or the split's unnormalised output, max and sum (merged later).
@@ -33,19 +44,13 @@ def _decode_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, seg_ref, *out_refs, 
     q = q_ref[...]
 
     def body(kb, carry):
-        acc, m_prev, l_prev = carry
         k_slice = pl.ds(kb * block_k, block_k)
         scores = jnp.dot(q, k_ref[k_slice, :].T, preferred_element_type=jnp.float32) * scale
         index = kb * block_k + jnp.arange(block_k)
         live = (index >= start) & (index < end) & (seg_ref[k_slice] != 0)
         scores = jnp.where(live[None, :], scores, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
-        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-        probs = jnp.exp2(scores - m_safe[:, None])
-        rescale = jnp.exp2(m_prev - m_safe)
-        acc = acc * rescale[:, None] + jnp.dot(probs.astype(v_ref.dtype), v_ref[k_slice, :],
-                                               preferred_element_type=jnp.float32)
-        return acc, m_next, rescale * l_prev + jnp.sum(probs, axis=1)
+        return _online_softmax_step(carry, scores, lambda probs: jnp.dot(
+            probs.astype(v_ref.dtype), v_ref[k_slice, :], preferred_element_type=jnp.float32))
 
     rows, head_dim = q_ref.shape
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
@@ -188,21 +193,10 @@ def _append_attend_kernel(start_ref, end_ref, qkv_ref, cos_ref, sin_ref, seg_ref
     key_row = q_heads + kv_head
     k_first, k_second = _rope_halves(qkv_ref[key_row, pl.ds(0, half)], qkv_ref[key_row, pl.ds(half, half)],
                                      cos_ref, sin_ref, dtype)
-    new_value = qkv_ref[q_heads + kv_heads + kv_head, :].astype(dtype)
+    new_value = qkv_ref[q_heads + kv_heads + kv_head, :]
 
     first = jnp.maximum(split * blocks_per_split, start // block_k)
     last = jnp.minimum((split + 1) * blocks_per_split, (slot + block_k - 1) // block_k)
-
-    def fold(carry, scores, weighted_values):
-        """One step of the online softmax: scores [rows, K] (base 2, -inf where masked), weighted_values maps the
-        probabilities [rows, K] to their sum over the values [rows, D]."""
-        acc, m_prev, l_prev = carry
-        m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
-        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-        probs = jnp.exp2(scores - m_safe[:, None])
-        rescale = jnp.exp2(m_prev - m_safe)
-        return (acc * rescale[:, None] + weighted_values(probs), m_next,
-                rescale * l_prev + jnp.sum(probs, axis=1))
 
     def body(kb, carry):
         k_slice = pl.ds(kb * block_k, block_k)
@@ -211,8 +205,8 @@ def _append_attend_kernel(start_ref, end_ref, qkv_ref, cos_ref, sin_ref, seg_ref
         index = kb * block_k + jnp.arange(block_k)
         live = (index >= start) & (index < slot) & (seg_ref[k_slice] != 0)
         scores = jnp.where(live[None, :], scores * scale, -jnp.inf)
-        return fold(carry, scores, lambda probs: jnp.dot(probs.astype(v_ref.dtype), v_ref[k_slice, :],
-                                                         preferred_element_type=jnp.float32))
+        return _online_softmax_step(carry, scores, lambda probs: jnp.dot(
+            probs.astype(v_ref.dtype), v_ref[k_slice, :], preferred_element_type=jnp.float32))
 
     init = (jnp.zeros((rows, 2 * half), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
@@ -224,8 +218,8 @@ def _append_attend_kernel(start_ref, end_ref, qkv_ref, cos_ref, sin_ref, seg_ref
     new_scores = (jnp.sum(q_first.astype(jnp.float32) * k_first.astype(jnp.float32)[None, :], axis=1)
                   + jnp.sum(q_second.astype(jnp.float32) * k_second.astype(jnp.float32)[None, :], axis=1))
     new_live = owner & (seg_ref[slot] != 0)
-    acc, m, l = fold(carry, jnp.where(new_live, new_scores * scale, -jnp.inf)[:, None],
-                     lambda probs: probs * new_value.astype(jnp.float32)[None, :])
+    acc, m, l = _online_softmax_step(carry, jnp.where(new_live, new_scores * scale, -jnp.inf)[:, None],
+                                     lambda probs: probs * new_value.astype(jnp.float32)[None, :])
 
     @pl.when(owner)
     def _():

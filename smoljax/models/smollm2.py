@@ -112,27 +112,23 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)]}
 
 
-def _qkv_heads(layer: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
-    """Pre-norm and the q/k/v projections as one array of heads, before RoPE: x [B, T, hidden] ->
-    [B, T, Hq + 2 * Hkv, D] (query heads, then key heads, then value heads)."""
+def _qkv_projection(layer: Params, x: jax.Array, config: LlamaConfig) -> tuple[jax.Array, ...]:
+    """Pre-norm and the q/k/v projections, before RoPE: x [B, T, hidden] -> (qkv [B, T, Hq + 2 * Hkv, D],) from
+    the fused weight (query heads, then key heads, then value heads), else (q [B,T,Hq,D], k, v [B,T,Hkv,D])."""
     normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     if "qkv_proj_t" in layer:
         qkv = jnp.einsum("bth,nh->btn", normed, layer["qkv_proj_t"])
-        return qkv.reshape(*qkv.shape[:2], -1, config.head_dim)
-    return jnp.concatenate([jnp.einsum("bth,hnd->btnd", normed, layer[name])
-                            for name in ("q_proj", "k_proj", "v_proj")], axis=2)
+        return (qkv.reshape(*qkv.shape[:2], -1, config.head_dim),)
+    return tuple(jnp.einsum("bth,hnd->btnd", normed, layer[name]) for name in ("q_proj", "k_proj", "v_proj"))
 
 
 def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, config: LlamaConfig):
     """Pre-norm and the q/k/v projections with RoPE. x: [B, T, hidden] -> q [B,T,Hq,D], k, v [B,T,Hkv,D]."""
-    if "qkv_proj_t" in layer:
+    heads = _qkv_projection(layer, x, config)
+    if len(heads) == 1:
         q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        q, k, v = jnp.split(_qkv_heads(layer, x, config), [q_heads, q_heads + kv_heads], axis=2)
-    else:
-        normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q = jnp.einsum("bth,hnd->btnd", normed, layer["q_proj"])
-        k = jnp.einsum("bth,hnd->btnd", normed, layer["k_proj"])
-        v = jnp.einsum("bth,hnd->btnd", normed, layer["v_proj"])
+        heads = jnp.split(heads[0], [q_heads, q_heads + kv_heads], axis=2)
+    q, k, v = heads
     return nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin), v
 
 
@@ -193,9 +189,9 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
         x, k_cache, v_cache = carry
         layer, index = layer_and_index
         if appending and index is None:
-            attn_out, k_cache, v_cache = decode_appending(_qkv_heads(layer, x, config)[:, 0], cos[:, 0], sin[:, 0],
-                                                          k_cache, v_cache, kv_segments, view,
-                                                          q_heads=config.num_attention_heads)
+            qkv = jnp.concatenate(_qkv_projection(layer, x, config), axis=2)[:, 0]
+            attn_out, k_cache, v_cache = decode_appending(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache, kv_segments,
+                                                          view, q_heads=config.num_attention_heads)
             attn_out = attn_out[:, None]
         else:
             q, k, v = _attention_block(layer, x, cos, sin, config)
