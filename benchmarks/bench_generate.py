@@ -50,6 +50,15 @@ def _random_prompts(batch: int, length: int, vocab_size: int, seed: int = SEED):
     return rng.integers(3, vocab_size, size=(batch, length), dtype=np.int64)
 
 
+def _prompt_lengths(batch: int, length: int, ragged: bool, seed: int = SEED) -> list[int]:
+    """Each prefill row's real prompt length: all `length`, or (ragged) drawn from [length / 2, length], the rows
+    then left-padded to `length` as generate() pads a batch to its bucket."""
+    import numpy as np
+    if not ragged:
+        return [length] * batch
+    return np.random.default_rng(seed + 1).integers(length // 2, length + 1, batch).tolist()
+
+
 def _measure(calls: dict[str, Callable[[], Any]], spec: dict[str, Any], memory: "harness.MemoryProbe") -> dict[str, Any]:
     """Times each call: a first call (it compiles), `warmup` untimed calls, then `repeats` timed ones (median).
 
@@ -229,8 +238,10 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
         result["row0_tokens"] = generated[0]
     else:
         seq_len = task["seq_len"]
-        tokens = jnp.asarray(_random_prompts(batch, seq_len, config.vocab_size), jnp.int32)
-        segments = jnp.ones_like(tokens)
+        ids = _random_prompts(batch, seq_len, config.vocab_size).tolist()
+        prompts = [row[seq_len - n:] for row, n in zip(ids, _prompt_lengths(batch, seq_len, task["ragged"]))]
+        tokens, segments = left_pad(prompts, seq_len, config.pad_token_id or 0)
+        tokens, segments = jnp.asarray(tokens), jnp.asarray(segments)
         run = prefill_fn(bucket_length(seq_len))
         result.update(_measure({"prefill": lambda: jax.block_until_ready(run(params, tokens, segments))},
                                spec, memory))
@@ -305,6 +316,8 @@ def _child_transformers(spec: dict[str, Any]) -> dict[str, Any]:
         seq_len = task["seq_len"]
         input_ids = torch.as_tensor(_random_prompts(batch, seq_len, vocab), device=device)
         attention_mask = torch.ones_like(input_ids)
+        for row, n in enumerate(_prompt_lengths(batch, seq_len, task["ragged"])):
+            attention_mask[row, : seq_len - n] = 0  # left padding, as transformers pads for generation
 
         def run_prefill():
             with torch.no_grad():
@@ -370,6 +383,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row [32]")
     parser.add_argument("--prefill-shapes", type=_parse_shapes, default=None,
                         help="prefill workloads, BATCHxLENGTH [1x512,8x512]")
+    parser.add_argument("--prefill-ragged", action="store_true",
+                        help="prefill rows of random real lengths in [L/2, L], left-padded to L; tok/s counts real "
+                             "tokens")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per measurement, median reported [1 on cpu, 5 on gpu]")
     parser.add_argument("--warmup", type=int, default=None,
@@ -437,7 +453,8 @@ def _metrics(task: dict[str, Any], res: dict[str, Any]) -> dict[str, float | Non
         out["median_s"] = gen["median_s"]
     else:
         pre = res["prefill"]
-        out["prefill_tok_s"] = batch * task["seq_len"] / pre["median_s"]
+        real_tokens = sum(_prompt_lengths(batch, task["seq_len"], task["ragged"]))
+        out["prefill_tok_s"] = real_tokens / pre["median_s"]
         out["prefill_s"] = pre["median_s"]
         out["first_call_s"] = pre["first_call_s"]
     out["peak_bytes"] = res["memory"]["peak_bytes"]
@@ -465,7 +482,7 @@ def _rows(tasks: list[dict[str, Any]], results: dict[str, dict[str, Any]], memor
             add(f"{label}: first call (incl. compile)", "first_call_s", tid, "s", False)
             add(f"{label}: {memory_label}", "peak_bytes", tid, "GiB", False)
         else:
-            label = f"prefill {task['batch']}×{task['seq_len']}"
+            label = f"prefill {task['batch']}×{task['seq_len']}" + (" ragged" if task["ragged"] else "")
             add(f"{label}: tok/s", "prefill_tok_s", tid)
             add(f"{label}: first call (incl. compile)", "first_call_s", tid, "s", False)
             add(f"{label}: {memory_label}", "peak_bytes", tid, "GiB", False)
@@ -519,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                           "prompt_len": args.prompt_len, "new_tokens": args.new_tokens})
     if not args.skip_prefill:
         for batch, length in args.prefill_shapes:
-            tasks.append({"id": f"prefill_{batch}x{length}", "kind": "prefill", "batch": batch, "seq_len": length})
+            tasks.append({"id": f"prefill_{batch}x{length}" + ("_ragged" if args.prefill_ragged else ""),
+                          "kind": "prefill", "batch": batch, "seq_len": length, "ragged": args.prefill_ragged})
 
     workdir = tempfile.mkdtemp(prefix="smoljax_bench_")
     base = {"workdir": workdir, "device": device, "dtype": dtype, "warmup": warmup, "repeats": repeats,
@@ -607,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         "`generate(max_new_tokens=1)`.",
         "- **prefill B×L tok/s** = B × L ÷ time of one prompt forward that fills a KV cache and returns "
         "last-position logits (smoljax: jitted cache allocation + `prefill`; transformers: `model(..., use_cache=True, "
-        "logits_to_keep=1)` under `torch.no_grad`).",
+        "logits_to_keep=1)` under `torch.no_grad`)"
+        + ("; with --prefill-ragged, the real (unpadded) tokens ÷ that time." if args.prefill_ragged else "."),
         "- **first call** = wall time of the first call of that workload in a fresh process, run included (smoljax: "
         "tracing + XLA compilation + run; transformers: lazy initialisation + run"
         + (", torch.compile included" if args.transformers_compile else "") + ").",

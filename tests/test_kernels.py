@@ -202,6 +202,40 @@ def test_flash_with_a_hole_in_the_keys_never_attends_to_it(causal):
         np.testing.assert_allclose(actual, expected, atol=5e-5, rtol=5e-5)
 
 
+def test_block_spans_say_which_blocks_can_see_anything():
+    """The per-block summary the kernels skip work by: a one-segment block lists where its segment lies along the
+    other axis, an all-padding block says that nothing is visible, a mixed block promises nothing."""
+    from smoljax.kernels.flash_attention import _block_spans
+
+    own = jnp.asarray([[0] * 4 + [0, 0, 1, 1] + [1] * 4 + [2] * 4])  # blocks of 4: padding, mixed, 1, 2
+    other = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2]])
+    np.testing.assert_array_equal(_block_spans(own, other, 4)[0],
+                                  [[0, 0, 0, 1], [0, 0, 0, 0], [1, 3, 9, 0], [2, 9, 12, 0]])
+
+
+def test_flash_skips_nothing_it_must_see_in_left_padded_prefill_rows():
+    """Bucketed prompts: rows left-padded by 0, 5, 16 and 40 of 48 slots (whole padding blocks, a block half
+    padding), queries at slot 0 of a 64-slot cache. Outputs and gradients against the reference."""
+    batch, new, slots = 4, 48, 64
+    q, k, v = _qkv(batch, new, slots, 6, 2, 16, jnp.float32, seed=11)
+    kv_seg = np.zeros((batch, slots), np.int32)
+    for row, pad in enumerate((0, 5, 16, 40)):
+        kv_seg[row, pad:new] = 1
+    kv_seg = jnp.asarray(kv_seg)
+    q_seg = kv_seg[:, :new]
+    weights = _random(q.shape, jnp.float32, 12)
+
+    def outputs_and_grads(attend):
+        loss = lambda q, k, v: jnp.sum(attend(q, k, v) * weights)  # noqa: E731
+        return attend(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    got = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, q_segments=q_seg, kv_segments=kv_seg,
+                                                            causal=True, blocks=UNEVEN, interpret=True))
+    want = outputs_and_grads(lambda q, k, v: _reference(q, k, v, q_seg, kv_seg, True))
+    for actual, expected in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(actual, expected, atol=5e-5, rtol=5e-5)
+
+
 def _cache_case(batch, slots, seed=0):
     """Segments and live ranges of a ragged cache: left padding, a hole of empty slots, an empty row."""
     rng = np.random.default_rng(seed)

@@ -77,24 +77,27 @@ def _causal_kv_blocks(q_start, q_offset, block_q: int, block_k: int, num_k_block
 
 
 def _kv_loop(body, init, causal: bool, q_start, q_offset, block_q: int, block_k: int, num_k_blocks: int,
-             one_segment=None):
+             one_segment=None, partners=None):
     """Runs body(key_block, carry, mask_causal[, mask_segments=False]) over the key blocks a query block sees.
 
     Under causal masking the blocks wholly before the query block's first index skip the causal compare (only the
     diagonal ones need it). one_segment: key blocks [first, end) whose keys all share the query block's one
-    segment, which skip the segment compare too (None: every block compares)."""
+    segment, which skip the segment compare too (None: every block compares). partners: key blocks [begin, stop)
+    outside which no key can be visible (`_partner_blocks`; None: all of them)."""
+    begin, stop = (0, num_k_blocks) if partners is None else partners
     if causal:
-        upper = _causal_kv_blocks(q_start, q_offset, block_q, block_k, num_k_blocks)
-        unmasked = jnp.minimum((q_offset + q_start + 1) // block_k, upper)
+        upper = jnp.minimum(_causal_kv_blocks(q_start, q_offset, block_q, block_k, num_k_blocks), stop)
     else:
-        upper = unmasked = num_k_blocks
+        upper = jnp.minimum(num_k_blocks, stop)
+    upper = jnp.maximum(upper, begin)
+    unmasked = jnp.clip((q_offset + q_start + 1) // block_k, begin, upper) if causal else upper
     carry = init
-    for start, stop, mask_causal in ((0, unmasked, False), (unmasked, upper, True)):
+    for start, end, mask_causal in ((begin, unmasked, False), (unmasked, upper, True)):
         if mask_causal and not causal:
             continue
-        for begin, end, mask_segments in _segment_ranges(start, stop, one_segment):
-            carry = jax.lax.fori_loop(begin, end, functools.partial(body, mask_causal=mask_causal,
-                                                                    mask_segments=mask_segments), carry)
+        for first, last, mask_segments in _segment_ranges(start, end, one_segment):
+            carry = jax.lax.fori_loop(first, last, functools.partial(body, mask_causal=mask_causal,
+                                                                     mask_segments=mask_segments), carry)
     return carry
 
 
@@ -109,10 +112,11 @@ def _segment_ranges(start, stop, one_segment):
 
 
 def _block_spans(own: jax.Array, other: jax.Array, block: int) -> jax.Array:
-    """Where each block of a kernel's own axis can skip the segment compare. own: [B, T] segment ids along the axis
-    the programs own (whole blocks of `block`), other: [B, S] those along the axis they loop over. Returns
-    [B, T // block, 4] int32: (s, lo, hi, 0) where the block lies wholly in segment s != 0 and the positions of s
-    along `other` are exactly [lo, hi); zeros where not (mixed block, padding, or s split by a hole). Four columns:
+    """What each block of a kernel's own axis can skip. own: [B, T] segment ids along the axis the programs own
+    (whole blocks of `block`), other: [B, S] those along the axis they loop over. Returns [B, T // block, 4] int32:
+    (s, lo, hi, 0) where the block lies wholly in segment s != 0 and the positions of s along `other` are exactly
+    [lo, hi) (only those can be visible, and blocks inside them skip the segment compare); (0, 0, 0, 1) where the
+    block is all padding (nothing is visible); zeros where it is mixed, or s is split by a hole. Four columns:
     Triton blocks are powers of two."""
     batch, length = own.shape
     blocks = own.reshape(batch, length // block, block)
@@ -120,16 +124,29 @@ def _block_spans(own: jax.Array, other: jax.Array, block: int) -> jax.Array:
     in_segment = other[:, None, :] == segment[:, :, None]
     lo = jnp.argmax(in_segment, axis=-1).astype(jnp.int32)
     hi = (other.shape[1] - jnp.argmax(in_segment[..., ::-1], axis=-1)).astype(jnp.int32)
-    clean = (jnp.all(blocks == segment[:, :, None], axis=-1) & (segment != 0) & jnp.any(in_segment, axis=-1)
+    one_segment = jnp.all(blocks == segment[:, :, None], axis=-1)
+    clean = (one_segment & (segment != 0) & jnp.any(in_segment, axis=-1)
              & (jnp.sum(in_segment, axis=-1) == hi - lo))
+    padding = one_segment & (segment == 0)
     spans = jnp.stack([segment, lo, hi, jnp.zeros_like(lo)], axis=-1).astype(jnp.int32)
-    return jnp.where(clean[..., None], spans, 0)
+    nothing_visible = jnp.broadcast_to(jnp.array([0, 0, 0, 1], jnp.int32), spans.shape)
+    return jnp.where(clean[..., None], spans, jnp.where(padding[..., None], nothing_visible, 0))
 
 
 def _whole_blocks_within(span_ref, block: int):
     """The blocks [first, end) of `block` positions that lie inside a span (s, lo, hi) read from span_ref."""
     lo, hi = span_ref[1], span_ref[2]
     return (lo + block - 1) // block, hi // block
+
+
+def _partner_blocks(span_ref, block: int, num_blocks: int):
+    """The blocks [begin, stop) of `block` positions along the looped axis that can hold a visible partner: those
+    touching the span [lo, hi) of a one-segment block, none for a padding block, all of them otherwise."""
+    lo, hi, padding = span_ref[1], span_ref[2], span_ref[3]
+    clean = (hi > lo).astype(jnp.int32)  # integer arithmetic, not selects: Triton's select wants matching types
+    begin = clean * (lo // block)
+    stop = clean * ((hi + block - 1) // block) + (1 - clean) * (1 - padding) * num_blocks
+    return begin, stop
 
 
 # --- forward ----------------------------------------------------------------------------------------------------
@@ -146,6 +163,7 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, span_re
     q_seg = None if qseg_ref is None else qseg_ref[pl.ds(q_start, block_q)]
     # Key blocks wholly inside this query block's one segment (none when the block is mixed or padding).
     one_segment = None if span_ref is None else _whole_blocks_within(span_ref, block_k)
+    partners = None if span_ref is None else _partner_blocks(span_ref, block_k, num_k_blocks)
 
     def body(kb, carry, mask_causal: bool, mask_segments: bool = True):
         acc, m_prev, l_prev = carry
@@ -169,7 +187,8 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, span_re
     head_dim = q_ref.shape[-1]
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = _kv_loop(body, init, causal, q_start, q_offset, block_q, block_k, num_k_blocks, one_segment)
+    acc, m, l = _kv_loop(body, init, causal, q_start, q_offset, block_q, block_k, num_k_blocks, one_segment,
+                         partners)
     seen = l > 0.0
     o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), 0.0)
@@ -282,6 +301,11 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
     carry = (zeros, zeros)
     # Query blocks wholly inside this key block's one segment skip the segment compare too.
     one_segment = None if span_ref is None else _whole_blocks_within(span_ref, block_q)
+    if span_ref is not None:  # only query blocks touching this key block's segment can see it
+        partner_begin, partner_stop = _partner_blocks(span_ref, block_q, num_q_blocks)
+        first_q_block = jnp.maximum(first_q_block, partner_begin)
+        num_q_blocks = jnp.maximum(jnp.minimum(num_q_blocks, partner_stop), first_q_block)
+        unmasked_q_block = jnp.clip(unmasked_q_block, first_q_block, num_q_blocks)
     for start, stop, mask_causal in ((first_q_block, unmasked_q_block, True), (unmasked_q_block, num_q_blocks, False)):
         if mask_causal and not causal:
             continue
@@ -318,8 +342,9 @@ def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg
         return dq + jnp.dot(dscores.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     one_segment = None if span_ref is None else _whole_blocks_within(span_ref, block_k)
+    partners = None if span_ref is None else _partner_blocks(span_ref, block_k, num_k_blocks)
     dq = _kv_loop(body, jnp.zeros(q_ref.shape, jnp.float32), causal, q_start, q_offset, block_q, block_k,
-                  num_k_blocks, one_segment)
+                  num_k_blocks, one_segment, partners)
     dq_ref[...] = (dq * (scale / LOG2_E)).astype(dq_ref.dtype)
 
 
