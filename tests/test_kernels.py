@@ -189,15 +189,21 @@ def test_flash_with_a_hole_in_the_keys_never_attends_to_it(causal):
     kv_seg[0, 20:45] = 0
     kv_seg[1, 30:50] = 2
     q_seg = jnp.asarray(kv_seg)
-    weights = _random(q.shape, jnp.float32, 4)
+    _assert_outputs_and_gradients_match(q, k, v, q_seg, q_seg, causal, weight_seed=4)
+
+
+def _assert_outputs_and_gradients_match(q, k, v, q_seg, kv_seg, causal, weight_seed):
+    """The flash kernels (uneven tiles, interpreted) against the reference: outputs and the gradients of a random
+    weighting of them."""
+    weights = _random(q.shape, jnp.float32, weight_seed)
 
     def outputs_and_grads(attend):
         loss = lambda q, k, v: jnp.sum(attend(q, k, v) * weights)  # noqa: E731
         return attend(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)
 
-    got = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, q_segments=q_seg, kv_segments=q_seg,
+    got = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, q_segments=q_seg, kv_segments=kv_seg,
                                                             causal=causal, blocks=UNEVEN, interpret=True))
-    want = outputs_and_grads(lambda q, k, v: _reference(q, k, v, q_seg, q_seg, causal))
+    want = outputs_and_grads(lambda q, k, v: _reference(q, k, v, q_seg, kv_seg, causal))
     for actual, expected in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(actual, expected, atol=5e-5, rtol=5e-5)
 
@@ -222,18 +228,7 @@ def test_flash_skips_nothing_it_must_see_in_left_padded_prefill_rows():
     for row, pad in enumerate((0, 5, 16, 40)):
         kv_seg[row, pad:new] = 1
     kv_seg = jnp.asarray(kv_seg)
-    q_seg = kv_seg[:, :new]
-    weights = _random(q.shape, jnp.float32, 12)
-
-    def outputs_and_grads(attend):
-        loss = lambda q, k, v: jnp.sum(attend(q, k, v) * weights)  # noqa: E731
-        return attend(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)
-
-    got = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, q_segments=q_seg, kv_segments=kv_seg,
-                                                            causal=True, blocks=UNEVEN, interpret=True))
-    want = outputs_and_grads(lambda q, k, v: _reference(q, k, v, q_seg, kv_seg, True))
-    for actual, expected in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(actual, expected, atol=5e-5, rtol=5e-5)
+    _assert_outputs_and_gradients_match(q, k, v, kv_seg[:, :new], kv_seg, True, weight_seed=12)
 
 
 def _cache_case(batch, slots, seed=0):
