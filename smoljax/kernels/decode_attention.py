@@ -69,11 +69,16 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array, exp=jnp.exp2) -> ja
     """acc [..., splits, G, D] (unnormalised), m, l [..., splits, G] -> [..., G, D]; zeros where nothing is live.
 
     m: each split's running max in the base of `exp` (this module's kernel works in base 2, the TPU one in base e);
-    an empty split has m = -inf (or a finite mask value) and l = 0, so it weighs nothing."""
-    m_max = jnp.max(m, axis=-2, keepdims=True)
-    weight = exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))
-    total = jnp.sum(weight * l, axis=-2)
-    out = jnp.sum(weight[..., None] * acc, axis=-3)
+    an empty split has m = -inf (or a finite mask value) and l = 0, so it weighs nothing. Written as elementwise
+    sums over the (few, static) splits rather than reductions, so that XLA can fuse the merge into the matmul that
+    consumes it instead of launching it on its own."""
+    splits = m.shape[-2]
+    maxima = [m[..., s, :] for s in range(splits)]
+    m_max = functools.reduce(jnp.maximum, maxima)
+    m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    weights = [exp(m_s - m_safe) for m_s in maxima]
+    total = sum(w * l[..., s, :] for s, w in enumerate(weights))
+    out = sum(w[..., None] * acc[..., s, :, :] for s, w in enumerate(weights))
     return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 
