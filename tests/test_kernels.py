@@ -18,8 +18,9 @@ from smoljax.attention import (GPU_AUTO, KINDS, attention_kind, attention_mask, 
 from smoljax.config import LlamaConfig
 from smoljax.errors import InputError
 from smoljax import nn
-from smoljax.kernels.decode_attention import (append_and_attend, append_and_attend_reference, choose_splits,
-                                            decode_attention)
+from smoljax.kernels.decode_attention import (UNROLLED_MERGE_MAX_SPLITS, append_and_attend,
+                                            append_and_attend_reference, choose_splits, decode_attention,
+                                            merge_splits)
 from smoljax.kernels.flash_attention import FlashBlocks, flash_attention
 from smoljax.models import smollm2
 from smoljax.params import llama_specs
@@ -314,6 +315,28 @@ def test_decode_with_cache_write_at_the_family_s_other_head_layouts(q_heads, kv_
     want = append_and_attend_reference(*case, q_heads=q_heads)
     for actual, expected in zip(got, want):
         _close(actual, expected, jnp.float32)
+
+
+@pytest.mark.parametrize("splits", [3, UNROLLED_MERGE_MAX_SPLITS + 4])
+def test_merging_splits_is_one_softmax_over_all_their_keys(splits):
+    """Both forms of the merge (split by split for few splits, reductions for many) against a softmax over every
+    split's scores at once; an empty split weighs nothing, and a head with nothing live anywhere gives zeros."""
+    rng = np.random.default_rng(splits)
+    scores = rng.standard_normal((2, splits, 3, 5)) * 4  # [batch, split, head, keys of the split]
+    values = rng.standard_normal((2, splits, 5, 8))
+    scores[0, 1] = -np.inf  # an empty split
+    scores[1, :, 2] = -np.inf  # head 2 of row 1 sees nothing
+    m = scores.max(-1) * np.log2(np.e)  # base 2, as the kernels keep it
+    probs = np.exp2(scores * np.log2(np.e) - np.where(np.isinf(m), 0, m)[..., None])
+    acc = np.einsum("bshk,bskd->bshd", probs, values)
+    merged = merge_splits(jnp.asarray(acc, jnp.float32), jnp.asarray(m, jnp.float32),
+                          jnp.asarray(probs.sum(-1), jnp.float32))
+    flat = np.moveaxis(scores, 1, 2).reshape(2, 3, splits * 5)
+    with np.errstate(invalid="ignore"):
+        weights = np.exp(flat - flat.max(-1, keepdims=True))
+        expected = np.einsum("bhk,bkd->bhd", weights / weights.sum(-1, keepdims=True), values.reshape(2, -1, 8))
+    expected[1, 2] = 0.0
+    np.testing.assert_allclose(np.asarray(merged), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_splits_fill_the_gpu_but_never_exceed_the_blocks():

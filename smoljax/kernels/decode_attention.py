@@ -65,20 +65,32 @@ def _decode_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, seg_ref, *out_refs, 
     l_ref[...] = l
 
 
+# Up to this many splits the merge is written split by split (see `merge_splits`); beyond it, as reductions, which
+# keep the program small: 88 splits written out make a 30-layer step's merges ~50x larger to compile.
+UNROLLED_MERGE_MAX_SPLITS = 8
+
+
 def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array, exp=jnp.exp2) -> jax.Array:
     """acc [..., splits, G, D] (unnormalised), m, l [..., splits, G] -> [..., G, D]; zeros where nothing is live.
 
     m: each split's running max in the base of `exp` (this module's kernel works in base 2, the TPU one in base e);
-    an empty split has m = -inf (or a finite mask value) and l = 0, so it weighs nothing. Written as elementwise
-    sums over the (few, static) splits rather than reductions, so that XLA can fuse the merge into the matmul that
-    consumes it instead of launching it on its own."""
+    an empty split has m = -inf (or a finite mask value) and l = 0, so it weighs nothing. With few splits (short
+    caches, the common decode) it is written as elementwise maxima and sums over the splits' slices, which XLA emits
+    as one fusion instead of two for the reductions (`benchmarks/NOTES-kernels.md` §19)."""
     splits = m.shape[-2]
-    maxima = [m[..., s, :] for s in range(splits)]
-    m_max = functools.reduce(jnp.maximum, maxima)
-    m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-    weights = [exp(m_s - m_safe) for m_s in maxima]
-    total = sum(w * l[..., s, :] for s, w in enumerate(weights))
-    out = sum(w[..., None] * acc[..., s, :, :] for s, w in enumerate(weights))
+    if splits > UNROLLED_MERGE_MAX_SPLITS:
+        m_max = jnp.max(m, axis=-2)
+        m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+        weight = exp(m - m_safe[..., None, :])
+        total = jnp.sum(weight * l, axis=-2)
+        out = jnp.sum(weight[..., None] * acc, axis=-3)
+    else:
+        per_split = [m[..., s, :] for s in range(splits)]
+        m_max = functools.reduce(jnp.maximum, per_split)
+        m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+        weights = [exp(m_s - m_safe) for m_s in per_split]
+        total = sum(w * l[..., s, :] for s, w in enumerate(weights))
+        out = sum(w[..., None] * acc[..., s, :, :] for s, w in enumerate(weights))
     return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 
