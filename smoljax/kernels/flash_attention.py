@@ -301,12 +301,13 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
     carry = (zeros, zeros)
     # Query blocks wholly inside this key block's one segment skip the segment compare too.
     one_segment = None if span_ref is None else _whole_blocks_within(span_ref, block_q)
+    end_q_block = num_q_blocks
     if span_ref is not None:  # only query blocks touching this key block's segment can see it
         partner_begin, partner_stop = _partner_blocks(span_ref, block_q, num_q_blocks)
         first_q_block = jnp.maximum(first_q_block, partner_begin)
-        num_q_blocks = jnp.maximum(jnp.minimum(num_q_blocks, partner_stop), first_q_block)
-        unmasked_q_block = jnp.clip(unmasked_q_block, first_q_block, num_q_blocks)
-    for start, stop, mask_causal in ((first_q_block, unmasked_q_block, True), (unmasked_q_block, num_q_blocks, False)):
+        end_q_block = jnp.maximum(jnp.minimum(num_q_blocks, partner_stop), first_q_block)
+        unmasked_q_block = jnp.clip(unmasked_q_block, first_q_block, end_q_block)
+    for start, stop, mask_causal in ((first_q_block, unmasked_q_block, True), (unmasked_q_block, end_q_block, False)):
         if mask_causal and not causal:
             continue
         for begin, end, mask_segments in _segment_ranges(start, stop, one_segment):
