@@ -22,11 +22,11 @@ import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (generate() keyword arguments, extra XLA flags)
+# name -> (generate() keyword arguments, extra XLA flags); all but the fused-layers ones keep the XLA layers
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "base": ({"fuse_projections": False}, ""),
-    "fused": ({"fuse_projections": True}, ""),
-    "fused+cudnn": ({"fuse_projections": True, "attn_impl": "cudnn"}, ""),
+    "base": ({"fuse_projections": False, "fused_layers": False}, ""),
+    "fused": ({"fuse_projections": True, "fused_layers": False}, ""),
+    "fused+cudnn": ({"fuse_projections": True, "fused_layers": False, "attn_impl": "cudnn"}, ""),
     "fused+xla": ({"fuse_projections": True, "attn_impl": "xla"}, ""),
     "fused+pallas": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": False}, ""),
     "fused-layers": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": True}, ""),
@@ -40,14 +40,14 @@ VARIANTS: dict[str, tuple[dict, str]] = {
                               "--xla_gpu_enable_command_buffer="),
     "fused+pallas+nographs": ({"fuse_projections": True, "attn_impl": "pallas", "fused_layers": False},
                               "--xla_gpu_enable_command_buffer="),
-    "fused+graphs": ({"fuse_projections": True},
+    "fused+graphs": ({"fuse_projections": True, "fused_layers": False},
                      "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
                      "--xla_gpu_graph_min_graph_size=1"),
-    "fused+graphs+while": ({"fuse_projections": True},
+    "fused+graphs+while": ({"fuse_projections": True, "fused_layers": False},
                            "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
                            "--xla_gpu_graph_min_graph_size=1"),
-    "fused+nographs": ({"fuse_projections": True}, "--xla_gpu_enable_command_buffer="),
-    "fused+cublas": ({"fuse_projections": True}, "--xla_gpu_enable_triton_gemm=false"),
+    "fused+nographs": ({"fuse_projections": True, "fused_layers": False}, "--xla_gpu_enable_command_buffer="),
+    "fused+cublas": ({"fuse_projections": True, "fused_layers": False}, "--xla_gpu_enable_triton_gemm=false"),
 }
 
 # HLO opcodes that launch nothing: they only name or regroup buffers.

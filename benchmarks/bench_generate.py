@@ -204,6 +204,10 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
         if "unroll_layers" not in inspect.signature(generate).parameters:
             raise SystemExit("error: --smoljax-unroll-layers: this smoljax's generate() has no unroll_layers option")
         gen_kwargs["unroll_layers"] = True
+    if spec.get("smoljax_fused_layers") in ("on", "off"):
+        if "fused_layers" not in inspect.signature(generate).parameters:
+            raise SystemExit("error: --smoljax-fused-layers: this smoljax's generate() has no fused_layers option")
+        gen_kwargs["fused_layers"] = spec["smoljax_fused_layers"] == "on"
     batch = task["batch"]
 
     def prefill_fn(cache_length: int):
@@ -254,6 +258,7 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
         # generate()'s defaults: both on accelerators, off on CPU.
         "unroll_layers": bool(gen_kwargs.get("unroll_layers", jax.default_backend() != "cpu")),
         "fuse_projections": jax.default_backend() != "cpu",
+        "fused_layers": spec.get("smoljax_fused_layers", "auto"),
     }
     return result
 
@@ -400,6 +405,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="smoljax attention implementation")
     parser.add_argument("--smoljax-unroll-layers", action="store_true",
                         help="smoljax generate(unroll_layers=True), where this smoljax has it")
+    parser.add_argument("--smoljax-fused-layers", choices=("auto", "on", "off"), default="auto",
+                        help="smoljax generate(fused_layers=...): the fused decode-layer kernels (auto: its default)")
     parser.add_argument("--transformers-attn", default=None,
                         help="transformers attn_implementation (eager, sdpa, ...); default: transformers' own")
     parser.add_argument("--transformers-compile", action="store_true",
@@ -543,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"workdir": workdir, "device": device, "dtype": dtype, "warmup": warmup, "repeats": repeats,
             "cpus": args.cpus,
             "smoljax_attn": args.smoljax_attn, "smoljax_unroll_layers": args.smoljax_unroll_layers,
-            "hf_attn": args.transformers_attn,
+            "smoljax_fused_layers": args.smoljax_fused_layers, "hf_attn": args.transformers_attn,
             "transformers_compile": args.transformers_compile, "model": args.model}
     results: dict[tuple[str, str], dict[str, Any]] = {}
     try:
@@ -602,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- smoljax {sj.get('smoljax', '?')}, jax {sj.get('jax', '?')} (jaxlib {sj.get('jaxlib', '?')}, "
         f"backend {sj.get('backend', '?')}), attention {sj.get('attention', '?')}"
         + (", unrolled layers in decode" if sj.get("unroll_layers") else "")
-        + (", fused [out, in] projections in decode" if sj.get("fuse_projections") else ""),
+        + (", fused [out, in] projections in decode" if sj.get("fuse_projections") else "")
+        + f", fused decode layers {sj.get('fused_layers', 'auto')}",
         f"- transformers {hf.get('transformers', '?')}, torch {hf.get('torch', '?')} "
         f"(threads: {hf.get('torch_threads', '?')}), attn_implementation {hf.get('attention', '?')}"
         + (", static cache + torch.compile" if args.transformers_compile

@@ -182,16 +182,23 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
     return state[5], state[6]
 
 
-def use_fused_layers(config: LlamaConfig, batch: int, requested: bool | None) -> bool:
-    """Whether decoding runs the fused layer kernels: only when asked for. They cut a batch-1 step on the H100
-    from 400 launches to 161 but ran at 1,318 tok/s against 1,462 for the XLA fusions
-    (`benchmarks/NOTES-kernels.md`), so they are not the default."""
+def use_fused_layers(config: LlamaConfig, batch: int, requested: bool | None, attn_impl: Implementation = "auto",
+                     params: dict | None = None) -> bool:
+    """Whether decoding runs the fused layer kernels (`smoljax.kernels.decode_layer`). By default (None) they run
+    for one row on a GPU, where they measured faster than the XLA fusions (`benchmarks/NOTES-kernels.md` §20), when
+    the attention implementation is left to choose and the weights sit on one device; elsewhere only when asked."""
     from smoljax.kernels.decode_layer import supported
 
     if requested and (batch != 1 or not supported(config)):
-        raise InputError("fused_layers=True decodes one row of a model with head_dim 64: use batch 1, or "
-                         "fused_layers=False")
-    return bool(requested)
+        raise InputError("fused_layers=True decodes one row of a model with a power-of-two head_dim: use batch 1, "
+                         "or fused_layers=False")
+    if requested is not None:
+        return requested
+    leaves = jax.tree.leaves(params) if params is not None else []
+    one_device = all(len(getattr(leaf, "sharding", None).device_set) == 1 for leaf in leaves
+                     if getattr(leaf, "sharding", None) is not None)
+    return (batch == 1 and jax.default_backend() == "gpu" and attn_impl in ("auto", "pallas")
+            and supported(config) and one_device)
 
 
 class _StreamSink:
@@ -234,8 +241,8 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
     `unstack_layers` slices the stacked layer weights into per-layer buffers once per call, ahead of an unrolled
     decode loop (`smollm2.unstack_layers`), at the cost of a second copy of the layer weights while generating;
     the default (None) does so on CPU, where a loop slicing stacked weights copies them on every step.
-    `fused_layers=True` decodes a single row with five Pallas kernels per layer (`smoljax.kernels.decode_layer`);
-    off by default, where the XLA fusions measured faster (`use_fused_layers`).
+    `fused_layers` decodes a single row with five Pallas kernels per layer (`smoljax.kernels.decode_layer`); the
+    default (None) does so for one row on a GPU, where they measured faster than XLA's fusions (`use_fused_layers`).
     """
     vlm_config = config if isinstance(config, VLMConfig) else None
     if vlm_config is not None:
@@ -272,7 +279,7 @@ def generate(params: dict, config: LlamaConfig | VLMConfig, prompts: Sequence[Se
         *args, config=config, sampler=sampler, stop_ids=stop_ids, out_length=out_length,
         cache_length=whole_blocks(prompt_length + out_length), attn_impl=attn_impl, unroll_layers=unroll_layers,
         fuse=fuse_projections, unstack=unstack_layers,
-        fused_layers=use_fused_layers(config, len(prompts), fused_layers),
+        fused_layers=use_fused_layers(config, len(prompts), fused_layers, attn_impl, params),
         stream=on_token is not None).compile()
     start = time.perf_counter()
     if on_token is None:

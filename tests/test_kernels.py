@@ -5,6 +5,7 @@ Small tiles (16) make short sequences span several tiles, so the causal bounds, 
 skipped blocks are all exercised at sizes the interpreter runs quickly.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -411,6 +412,59 @@ def test_fused_decode_layers_give_the_reference_tokens():
     assert tokens[True] == tokens[False]
     with pytest.raises(InputError, match="batch 1"):
         generation.generate(params, HEAD64, prompt * 2, max_new_tokens=2, fused_layers=True)
+
+
+def test_fused_decode_layers_are_the_default_for_one_row_on_a_gpu(monkeypatch):
+    """Asked for: on or an error. By default: one row, a GPU, attention left to choose, weights on one device."""
+    use = generation.use_fused_layers
+    assert not use(HEAD64, 1, None)  # the CPU runs the kernels only in the interpreter
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert use(HEAD64, 1, None) and use(HEAD64, 1, None, "pallas")
+    assert not use(HEAD64, 2, None) and not use(HEAD64, 1, None, "xla") and not use(HEAD64, 1, False)
+    odd_heads = dataclasses.replace(HEAD64, head_dim=48)
+    assert not use(odd_heads, 1, None)
+    with pytest.raises(InputError, match="batch 1"):
+        use(HEAD64, 2, True)
+
+
+def _half_full_cache(config, slots, live, dtype, seed):
+    """A one-row per-layer cache of `slots` slots holding random keys and values in [3, live) after 3 slots of
+    left padding; the next token goes to slot `live`."""
+    rng = np.random.default_rng(seed)
+    shape = (1, slots, config.num_key_value_heads, config.head_dim)
+    filled = (np.arange(slots) < live)[None, :, None, None]
+    buffers = [tuple(jnp.asarray(rng.standard_normal(shape) * filled, dtype) for _ in range(config.num_hidden_layers))
+               for _ in "kv"]
+    segments = ((np.arange(slots) >= 3) & (np.arange(slots) < live)).astype(np.int32)[None]
+    positions = np.clip(np.arange(slots) - 3, 0, None).astype(np.int32)[None]
+    return generation.KVCache(k=buffers[0], v=buffers[1], positions=jnp.asarray(positions),
+                              segments=jnp.asarray(segments), end=jnp.asarray(live, jnp.int32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("slots,live", [(128, 70), (640, 600)], ids=["2-splits", "10-splits"])
+def test_fused_decode_layers_match_the_xla_step(dtype, slots, live):
+    """One decode step through the five fused kernels against the XLA path on the same cache: logits and the new
+    cache rows. Two splits are merged inside the o-projection kernel; ten (more than it merges itself) by XLA
+    first."""
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), dtype),
+                          llama_specs(HEAD64), is_leaf=lambda x: hasattr(x, "axes"))
+    serving = smollm2.unstack_layers(smollm2.fuse_projections(params))
+    cache = _half_full_cache(HEAD64, slots, live, dtype, seed=4)
+    token, position = jnp.asarray([[41]]), jnp.asarray([[live - 3]])
+    with jax.default_matmul_precision("highest"):  # on a GPU, f32 products would otherwise run as TF32
+        fused_logits, fused_cache = smollm2.fused_decode_forward(serving, token, cache, HEAD64, positions=position)
+        xla_logits, xla_cache = smollm2.forward_with_cache(serving, token, cache, HEAD64, positions=position,
+                                                           segment_ids=jnp.ones_like(token), attn_impl="xla",
+                                                           unroll=True)
+    tolerance = {jnp.float32: 1e-5, jnp.bfloat16: 0.03}[dtype]
+    np.testing.assert_allclose(fused_logits, xla_logits, atol=tolerance, rtol=tolerance)
+    for fused_rows, xla_rows in zip(fused_cache.k + fused_cache.v, xla_cache.k + xla_cache.v):
+        np.testing.assert_allclose(np.asarray(fused_rows[0, live], np.float32),
+                                   np.asarray(xla_rows[0, live], np.float32), atol=tolerance / 3, rtol=tolerance)
+        np.testing.assert_array_equal(fused_rows[0, :live], xla_rows[0, :live])
+    assert int(fused_cache.end) == live + 1
 
 
 def test_dispatch_picks_by_backend_dtype_and_kind(monkeypatch):

@@ -256,7 +256,7 @@ def _append_attend_kernel(start_ref, end_ref, qkv_ref, cos_ref, sin_ref, seg_ref
 def append_and_attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                       kv_segments: jax.Array, kv_start: jax.Array, kv_end: jax.Array, *, q_heads: int,
                       block_k: int = 64, num_splits: int | None = None, num_warps: int = 4,
-                      interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      merge: bool = True, interpret: bool = False) -> tuple:
     """One decode step's attention from the q/k/v projection: RoPE, the cache write and split-K attention in one
     kernel (plus the merge of the splits when there are several).
 
@@ -264,7 +264,9 @@ def append_and_attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: j
     position (half-split RoPE); k_cache, v_cache: [B, S, Hkv, D], S a multiple of block_k, updated in place at slot
     kv_end - 1; kv_segments [B, S] (already holding the new token's segment; 0 = never attended to); kv_start,
     kv_end: [B] int, each row's live slots [start, end) including the new one.
-    Returns (attention output [B, Hq, D] in qkv's dtype, k_cache, v_cache).
+    Returns (attention output [B, Hq, D] in qkv's dtype, k_cache, v_cache); with `merge=False`, the splits'
+    partial results instead of the output, for a consumer that merges them itself (`merge_splits`):
+    ((acc [B, splits, Hq, D], max [B, splits, Hq], sum [B, splits, Hq]) in f32, k_cache, v_cache).
     """
     batch, heads, head_dim = qkv.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -282,7 +284,7 @@ def append_and_attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: j
                                rows=max(MIN_DOT_ROWS, pl.next_power_of_2(group)),
                                q_heads=q_heads, kv_heads=kv_heads)
     cache_spec = pl.BlockSpec((None, cache_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
-    if splits == 1:
+    if splits == 1 and merge:
         result_specs = [pl.BlockSpec((None, q_heads, head_dim), lambda b, h, s: (b, 0, 0))]
         result_shapes = [jax.ShapeDtypeStruct((batch, q_heads, head_dim), qkv.dtype)]
     else:
@@ -314,6 +316,8 @@ def append_and_attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: j
         name="smoljax_decode_append_attention",
     )(kv_start.astype(jnp.int32), kv_end.astype(jnp.int32), qkv, cos, sin, kv_segments.astype(jnp.int32),
       k_cache, v_cache)
+    if not merge:
+        return tuple(results), k_cache, v_cache
     out = results[0] if splits == 1 else merge_splits(*results).astype(qkv.dtype)
     return out, k_cache, v_cache
 
