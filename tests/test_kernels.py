@@ -442,21 +442,30 @@ def _half_full_cache(config, slots, live, dtype, seed):
                               segments=jnp.asarray(segments), end=jnp.asarray(live, jnp.int32))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("slots,live", [(128, 70), (640, 600)], ids=["2-splits", "10-splits"])
-def test_fused_decode_layers_match_the_xla_step(dtype, slots, live):
+# SmolLM2-360M's and SmolVLM2's layout in small: widths that are no power of two (192 = 128 + 64, 320 = 256 + 64,
+# 5 query heads = 4 + 1) and one KV head for all five query heads.
+ODD_WIDTHS = LlamaConfig(vocab_size=96, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
+                         num_attention_heads=5, num_key_value_heads=1, head_dim=64, max_position_embeddings=128,
+                         eos_token_id=2, pad_token_id=0)
+
+
+@pytest.mark.parametrize("config,dtype,slots,live", [
+    (HEAD64, jnp.float32, 128, 70), (HEAD64, jnp.bfloat16, 128, 70), (HEAD64, jnp.float32, 640, 600),
+    (HEAD64, jnp.bfloat16, 640, 600), (ODD_WIDTHS, jnp.float32, 192, 130)],
+    ids=["2-splits-f32", "2-splits-bf16", "10-splits-f32", "10-splits-bf16", "odd-widths-f32"])
+def test_fused_decode_layers_match_the_xla_step(config, dtype, slots, live):
     """One decode step through the five fused kernels against the XLA path on the same cache: logits and the new
     cache rows. Two splits are merged inside the o-projection kernel; ten (more than it merges itself) by XLA
     first."""
     rng = np.random.default_rng(3)
     params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), dtype),
-                          llama_specs(HEAD64), is_leaf=lambda x: hasattr(x, "axes"))
+                          llama_specs(config), is_leaf=lambda x: hasattr(x, "axes"))
     serving = smollm2.unstack_layers(smollm2.fuse_projections(params))
-    cache = _half_full_cache(HEAD64, slots, live, dtype, seed=4)
+    cache = _half_full_cache(config, slots, live, dtype, seed=4)
     token, position = jnp.asarray([[41]]), jnp.asarray([[live - 3]])
     with jax.default_matmul_precision("highest"):  # on a GPU, f32 products would otherwise run as TF32
-        fused_logits, fused_cache = smollm2.fused_decode_forward(serving, token, cache, HEAD64, positions=position)
-        xla_logits, xla_cache = smollm2.forward_with_cache(serving, token, cache, HEAD64, positions=position,
+        fused_logits, fused_cache = smollm2.fused_decode_forward(serving, token, cache, config, positions=position)
+        xla_logits, xla_cache = smollm2.forward_with_cache(serving, token, cache, config, positions=position,
                                                            segment_ids=jnp.ones_like(token), attn_impl="xla",
                                                            unroll=True)
     tolerance = {jnp.float32: 1e-5, jnp.bfloat16: 0.03}[dtype]
