@@ -159,6 +159,16 @@ def test_batch_with_different_image_counts_equals_single_runs(loaded, unsplit_pr
         assert together.tokens[index] == alone.tokens[0], index
 
 
+def test_fused_decode_layers_continue_an_image_prompt_as_the_xla_layers(loaded, unsplit_processor, images):
+    """The fused batch-1 decode kernels (the GPU default for one row; interpreted here) on SmolVLM2's text model:
+    15 query heads over 5 KV heads, widths 960 and 2560, after an image prompt."""
+    batch = unsplit_processor(["<image>What is here?"], [[images["rocket"]]])
+    tokens = {fused: generation.generate(loaded.params, loaded.config, batch.input_ids, max_new_tokens=3,
+                                         stop_tokens=[], pixel_values=batch.pixel_values,
+                                         pixel_attention_mask=batch.pixel_attention_mask, fused_layers=fused).tokens
+              for fused in (False, True)}
+    assert tokens[True] == tokens[False]
+
 def test_save_pretrained_round_trips_through_transformers(tmp_path, loaded, processor, unsplit_processor, images,
                                                           hf_model):
     target = tmp_path / "saved"
