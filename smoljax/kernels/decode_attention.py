@@ -3,7 +3,8 @@
 Grouped-query attention reads each K/V block once for the whole query group; the cache is split over the sequence
 (split-K) so a small batch still fills the GPU, and each row reads only its own live slots [start, end): the left
 padding of a short prompt and the unwritten tail of the cache are skipped block by block, not masked. Partial
-results of the splits are merged with their log-sum-exps in a small XLA fusion.
+results of the splits are merged with their log-sum-exps in a small XLA fusion, or handed unmerged to the fused
+batch-1 decode layer, whose o-projection kernel merges them (`smoljax.kernels.decode_layer`).
 
 The reference is `smoljax.attention.xla_attention` with the cache's segment mask (for `append_and_attend`,
 `append_and_attend_reference`); `tests/test_kernels.py` holds each kernel and its reference side by side.
