@@ -25,20 +25,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
+from smoljax.kernels import decode_layer  # noqa: E402
+
 LAYERS = 30
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 
 
 def pow2_pieces(width: int, chunk: int | None) -> list[tuple[int, int]]:
-    """[start, size) pieces covering [0, width): fixed `chunk`s, or the fewest powers of two."""
+    """[start, size) pieces covering [0, width): fixed `chunk`s, or the fewest powers of two (as the fused layer
+    loads them)."""
     if chunk:
         return [(start, chunk) for start in range(0, width, chunk)]
-    pieces, start = [], 0
-    for bit in reversed(range(width.bit_length())):
-        if width - start >= 1 << bit:
-            pieces.append((start, 1 << bit))
-            start += 1 << bit
-    return pieces
+    return list(decode_layer._pieces(width))
 
 
 def _matvec_kernel(x_ref, w_ref, out_ref, *, rows: int, pieces):

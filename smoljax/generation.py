@@ -194,9 +194,8 @@ def use_fused_layers(config: LlamaConfig, batch: int, requested: bool | None, at
                          "or fused_layers=False")
     if requested is not None:
         return requested
-    leaves = jax.tree.leaves(params) if params is not None else []
-    one_device = all(len(getattr(leaf, "sharding", None).device_set) == 1 for leaf in leaves
-                     if getattr(leaf, "sharding", None) is not None)
+    one_device = all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params)
+                     if isinstance(leaf, jax.Array))
     return (batch == 1 and jax.default_backend() == "gpu" and attn_impl in ("auto", "pallas")
             and supported(config) and one_device)
 

@@ -401,8 +401,8 @@ HEAD64 = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_
 
 
 def test_fused_decode_layers_give_the_reference_tokens():
-    """The five-kernel decode layer (RMSNorm+qkv+RoPE with the cache write, attention, o+residual,
-    RMSNorm+gate/up+SwiGLU, down+residual) continues a prompt exactly as the XLA path does (f32)."""
+    """The five-kernel decode layer (RMSNorm+q/k/v; RoPE, the cache write and attention; merge+o+residual;
+    RMSNorm+gate/up+SwiGLU; down+residual) continues a prompt exactly as the XLA path does (f32)."""
     rng = np.random.default_rng(2)
     params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), jnp.float32),
                           llama_specs(HEAD64), is_leaf=lambda x: hasattr(x, "axes"))

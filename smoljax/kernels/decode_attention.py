@@ -79,19 +79,26 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array, exp=jnp.exp2) -> ja
     caches, the common decode) it is written as elementwise maxima and sums over the splits' slices, which XLA emits
     as one fusion instead of two for the reductions (`benchmarks/NOTES-kernels.md` §19)."""
     splits = m.shape[-2]
-    if splits > UNROLLED_MERGE_MAX_SPLITS:
-        m_max = jnp.max(m, axis=-2)
-        m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-        weight = exp(m - m_safe[..., None, :])
-        total = jnp.sum(weight * l, axis=-2)
-        out = jnp.sum(weight[..., None] * acc, axis=-3)
-    else:
-        per_split = [m[..., s, :] for s in range(splits)]
-        m_max = functools.reduce(jnp.maximum, per_split)
-        m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-        weights = [exp(m_s - m_safe) for m_s in per_split]
-        total = sum(w * l[..., s, :] for s, w in enumerate(weights))
-        out = sum(w[..., None] * acc[..., s, :, :] for s, w in enumerate(weights))
+    if splits <= UNROLLED_MERGE_MAX_SPLITS:
+        return merge_split_list([m[..., s, :] for s in range(splits)], [l[..., s, :] for s in range(splits)],
+                                [acc[..., s, :, :] for s in range(splits)], exp)
+    m_max = jnp.max(m, axis=-2)
+    m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    weight = exp(m - m_safe[..., None, :])
+    total = jnp.sum(weight * l, axis=-2)
+    out = jnp.sum(weight[..., None] * acc, axis=-3)
+    return out / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def merge_split_list(maxima: list[jax.Array], sums: list[jax.Array], accs: list[jax.Array],
+                     exp=jnp.exp2) -> jax.Array:
+    """`merge_splits` on the splits given one by one (maxima, sums [..., G]; accs [..., G, D] each), as elementwise
+    maxima and sums: the form XLA fuses, and the one a Pallas kernel can run on splits it loads separately."""
+    m_max = functools.reduce(jnp.maximum, maxima)
+    m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    weights = [exp(m - m_safe) for m in maxima]
+    total = sum(w * l for w, l in zip(weights, sums))
+    out = sum(w[..., None] * acc for w, acc in zip(weights, accs))
     return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 

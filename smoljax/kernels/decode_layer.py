@@ -78,16 +78,15 @@ def _norm_qkv_kernel(x_ref, g_ref, w_ref, out_ref, *, eps: float, rows: int):
 
 
 def _merged_heads(acc_ref, m_ref, l_ref, first_head: int, heads: int, dtype) -> jax.Array:
-    """The attention output of heads [first_head, first_head + heads) from the splits' partial results (as
-    `decode_attention.merge_splits` does it, base 2), rounded to the model dtype -> f32 [heads, D]."""
-    head_slice = pl.ds(first_head, heads)
-    maxima = [_f32(m_ref, s, head_slice) for s in range(m_ref.shape[0])]
-    m_max = functools.reduce(jnp.maximum, maxima)
-    m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-    weights = [jnp.exp2(m - m_safe) for m in maxima]
-    total = sum(w * _f32(l_ref, s, head_slice) for s, w in enumerate(weights))
-    out = sum(w[:, None] * _f32(acc_ref, s, head_slice, slice(None)) for s, w in enumerate(weights))
-    return (out / jnp.where(total > 0, total, 1.0)[:, None]).astype(dtype).astype(jnp.float32)
+    """The attention output of heads [first_head, first_head + heads) from the splits' partial results, each split
+    loaded on its own (split counts are no power of two), rounded to the model dtype -> f32 [heads, D]."""
+    from smoljax.kernels.decode_attention import merge_split_list
+
+    head_slice, splits = pl.ds(first_head, heads), range(m_ref.shape[0])
+    merged = merge_split_list([_f32(m_ref, s, head_slice) for s in splits],
+                              [_f32(l_ref, s, head_slice) for s in splits],
+                              [_f32(acc_ref, s, head_slice, slice(None)) for s in splits])
+    return merged.astype(dtype).astype(jnp.float32)
 
 
 def _merge_o_kernel(acc_ref, m_ref, l_ref, w_ref, x_ref, out_ref, *, rows: int):
@@ -154,10 +153,11 @@ def decode_layer(layer: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
 
     layer: serving-layout weights of one layer (attn_norm, qkv_proj_t, o_proj_t, mlp_norm, gate_up_proj_t,
     down_proj_t); x: [hidden] residual stream; cos, sin: [head_dim] RoPE tables of the token's position;
-    k_cache, v_cache: [S, Hkv, D] this layer's cache, S a multiple of 64 (the new row is written at slot `end`);
-    kv_segments [S] (holding the new token's segment), kv_start [] int: the live slots [kv_start, end].
-    Returns (x after the layer, k_cache, v_cache).
+    k_cache, v_cache: [S, Hkv, D] this layer's cache, S a multiple of `smoljax.cache.CACHE_BLOCK` (the new row is
+    written at slot `end`); kv_segments [S] (holding the new token's segment), kv_start [] int: the live slots
+    [kv_start, end]. Returns (x after the layer, k_cache, v_cache).
     """
+    from smoljax.cache import CACHE_BLOCK
     from smoljax.kernels.decode_attention import UNROLLED_MERGE_MAX_SPLITS, append_and_attend, merge_splits
 
     hidden, mlp, eps = config.hidden_size, config.intermediate_size, config.rms_norm_eps
@@ -166,10 +166,9 @@ def decode_layer(layer: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
                      layer["qkv_proj_t"]), layer["qkv_proj_t"].shape[0], x.dtype, interpret)
     (acc, m, l), k_cache, v_cache = append_and_attend(
         qkv.reshape(1, -1, head_dim), cos[None], sin[None], k_cache[None], v_cache[None], kv_segments[None],
-        jnp.reshape(kv_start, (1,)), jnp.reshape(end + 1, (1,)), q_heads=q_heads, block_k=64,
-        num_splits=ATTENTION_SPLITS and min(ATTENTION_SPLITS, k_cache.shape[0] // 64), num_warps=ATTENTION_WARPS,
-        merge=False,
-        interpret=interpret)
+        jnp.reshape(kv_start, (1,)), jnp.reshape(end + 1, (1,)), q_heads=q_heads, block_k=CACHE_BLOCK,
+        num_splits=ATTENTION_SPLITS and min(ATTENTION_SPLITS, k_cache.shape[0] // CACHE_BLOCK),
+        num_warps=ATTENTION_WARPS, merge=False, interpret=interpret)
     acc, m, l = acc[0], m[0], l[0]
     if m.shape[0] > UNROLLED_MERGE_MAX_SPLITS:
         # A long cache's many splits are merged by XLA's reductions first; the kernel then sees one split.
