@@ -209,13 +209,17 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
             raise SystemExit("error: --smoljax-fused-layers: this smoljax's generate() has no fused_layers option")
         gen_kwargs["fused_layers"] = spec["smoljax_fused_layers"] == "on"
     batch = task["batch"]
+    # generate() prefills an empty cache; --smoljax-prefill-over-cache times the general prefill instead.
+    empty_cache = not spec.get("smoljax_prefill_over_cache")
+    if not empty_cache and "empty_cache" not in inspect.signature(prefill).parameters:
+        raise SystemExit("error: --smoljax-prefill-over-cache: this smoljax's prefill() has no empty_cache option")
 
     def prefill_fn(cache_length: int):
         """What the generate loop runs before its decode loop: allocate the cache, prefill the prompt."""
         @jax.jit
         def run(params, tokens, segments):
             cache = init_cache(config, tokens.shape[0], cache_length, params["embed"].dtype)
-            return prefill(params, tokens, segments, cache, config, attn_impl)
+            return prefill(params, tokens, segments, cache, config, attn_impl, empty_cache=empty_cache)
         return run
 
     result: dict[str, Any] = {}
@@ -259,6 +263,7 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
         "unroll_layers": bool(gen_kwargs.get("unroll_layers", jax.default_backend() != "cpu")),
         "fuse_projections": jax.default_backend() != "cpu",
         "fused_layers": spec.get("smoljax_fused_layers", "auto"),
+        "prefill_over_cache": not empty_cache,
     }
     return result
 
@@ -407,6 +412,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="smoljax generate(unroll_layers=True), where this smoljax has it")
     parser.add_argument("--smoljax-fused-layers", choices=("auto", "on", "off"), default="auto",
                         help="smoljax generate(fused_layers=...): the fused decode-layer kernels (auto: its default)")
+    parser.add_argument("--smoljax-prefill-over-cache", action="store_true",
+                        help="prefill workloads: the general prefill, which attends over the cache, instead of "
+                             "generate()'s prefill of an empty cache")
     parser.add_argument("--transformers-attn", default=None,
                         help="transformers attn_implementation (eager, sdpa, ...); default: transformers' own")
     parser.add_argument("--transformers-compile", action="store_true",
@@ -550,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     base = {"workdir": workdir, "device": device, "dtype": dtype, "warmup": warmup, "repeats": repeats,
             "cpus": args.cpus,
             "smoljax_attn": args.smoljax_attn, "smoljax_unroll_layers": args.smoljax_unroll_layers,
-            "smoljax_fused_layers": args.smoljax_fused_layers, "hf_attn": args.transformers_attn,
+            "smoljax_fused_layers": args.smoljax_fused_layers,
+            "smoljax_prefill_over_cache": args.smoljax_prefill_over_cache, "hf_attn": args.transformers_attn,
             "transformers_compile": args.transformers_compile, "model": args.model}
     results: dict[tuple[str, str], dict[str, Any]] = {}
     try:

@@ -206,7 +206,7 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
                 text_params = smollm2.fuse_projections(text_params)
             cache = init_cache(text_config, tokens.shape[0], cache_length, text_params["embed"].dtype,
                                per_layer=unroll)
-            return prefill(text_params, tokens, segments, cache, text_config, attn, embeds)
+            return prefill(text_params, tokens, segments, cache, text_config, attn, embeds, empty_cache=True)
 
         def run_prefill():
             # From host inputs, as generate() starts: pad the prompt, encode the tiles and merge them into the

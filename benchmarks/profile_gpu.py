@@ -157,7 +157,7 @@ def prefill_workload(args) -> tuple[Callable[[], Any], int]:
     def program(params, tokens, segments):
         cache = init_cache(config, tokens.shape[0], whole_blocks(args.seq + 256), params["embed"].dtype,
                            per_layer=True)
-        return prefill(params, tokens, segments, cache, config, args.attn_impl)
+        return prefill(params, tokens, segments, cache, config, args.attn_impl, empty_cache=True)
 
     return lambda: jax.block_until_ready(program(params, tokens, segments)), 1
 
@@ -244,7 +244,7 @@ def vlm_prefill_workload(args) -> tuple[Callable[[], Any], int]:
     def program(text_params, tokens, segments, embeds):
         text_params = smollm2.fuse_projections(text_params)
         cache = init_cache(text_config, tokens.shape[0], cache_length, text_params["embed"].dtype, per_layer=True)
-        return prefill(text_params, tokens, segments, cache, text_config, args.attn_impl, embeds)
+        return prefill(text_params, tokens, segments, cache, text_config, args.attn_impl, embeds, empty_cache=True)
 
     def run():
         tokens, segments = left_pad([prompt], bucket, 0)

@@ -101,16 +101,39 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], config: LlamaConfig, max_n
 
 
 def prefill(params: dict, tokens: jax.Array, segments: jax.Array, cache: KVCache, config: LlamaConfig,
-            attn_impl: Implementation = "auto", embeds: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+            attn_impl: Implementation = "auto", embeds: jax.Array | None = None,
+            empty_cache: bool = False) -> tuple[jax.Array, KVCache]:
     """Writes left-padded prompts [B, P] into the cache. Returns last-token logits [B, V] (f32) and the cache.
 
     `embeds` [B, P, hidden] replaces the token embeddings (a VLM's prompt with its image features merged in).
+    `empty_cache=True` promises a cache that holds nothing yet (as `init_cache` makes it) and one prompt per row
+    (segments 0 then 1, as `left_pad` makes them). The prompts then attend only to themselves: each row runs with
+    its padding moved to the end, so plain causal attention is exact (cuDNN's causal kernel on GPUs) and no cache
+    slot is scanned; the cache gets the same contents as without it. generate() always passes it.
     """
     positions = smollm2.segment_positions(segments)
     x = smollm2.embed(params, tokens) if embeds is None else embeds.astype(params["embed"].dtype)
-    hidden, cache = smollm2.decoder_stack(params, x, config, positions=positions,
-                                          segments=segments, cache=cache, attn_impl=attn_impl)
-    return smollm2.lm_logits(params, hidden[:, -1:], config)[:, 0], cache
+    if not empty_cache:
+        hidden, cache = smollm2.decoder_stack(params, x, config, positions=positions,
+                                              segments=segments, cache=cache, attn_impl=attn_impl)
+        return smollm2.lm_logits(params, hidden[:, -1:], config)[:, 0], cache
+    _check_empty(cache)
+    lengths = jnp.sum(segments != 0, axis=1).astype(jnp.int32)
+    pad_counts = segments.shape[1] - lengths
+    hidden, cache = smollm2.decoder_stack(params, smollm2.shift_rows(x, -pad_counts), config, positions=positions,
+                                          segments=segments, cache=cache, attn_impl=attn_impl,
+                                          pad_counts=pad_counts)
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
+    return smollm2.lm_logits(params, last, config)[:, 0], cache
+
+
+def _check_empty(cache: KVCache) -> None:
+    """Raises if a cache known outside jit already holds tokens (inside jit its fill is not known)."""
+    if isinstance(cache.end, jax.core.Tracer):
+        return
+    if int(cache.end) != 0:
+        raise InputError(f"prefill(empty_cache=True) got a cache that already holds {int(cache.end)} tokens; "
+                         "pass empty_cache=False to append a prompt to a filled cache")
 
 
 def decode_step(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache, config: LlamaConfig,
@@ -129,7 +152,7 @@ def decode_step(params: dict, tokens: jax.Array, positions: jax.Array, cache: KV
 
 
 # Jitted entry points for hand-written loops: the cache buffer is donated, so each step updates it in place.
-prefill_jit = jax.jit(prefill, static_argnames=("config", "attn_impl"), donate_argnames=("cache",))
+prefill_jit = jax.jit(prefill, static_argnames=("config", "attn_impl", "empty_cache"), donate_argnames=("cache",))
 decode_step_jit = jax.jit(decode_step, static_argnames=("config", "attn_impl", "unroll_layers", "fused_layers"),
                           donate_argnames=("cache",))
 
@@ -153,7 +176,7 @@ def _generate_loop(params: dict, tokens: jax.Array, segments: jax.Array, key: ja
     decode_params = smollm2.unstack_layers(params) if unstack else params
     unroll_layers = unroll_layers or unstack
     cache = init_cache(config, batch, cache_length, params["embed"].dtype, per_layer=unroll_layers)
-    logits, cache = prefill(params, tokens, segments, cache, config, attn_impl, embeds)
+    logits, cache = prefill(params, tokens, segments, cache, config, attn_impl, embeds, empty_cache=True)
     next_positions = jnp.sum(segments != 0, axis=1).astype(jnp.int32)
     stop_array = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     pad_id = stop_ids[0] if stop_ids else 0

@@ -136,3 +136,34 @@ def test_bad_prompts_give_clear_errors(params, prompts, message):
 def test_zero_new_tokens_is_an_error(params):
     with pytest.raises(InputError, match="max_new_tokens"):
         generation.generate(params, CONFIG, [[1, 2]], max_new_tokens=0)
+
+
+@pytest.mark.parametrize("per_layer, attn_impl", [(False, "xla"), (True, "xla"), (True, "pallas")])
+def test_prefill_into_an_empty_cache_equals_the_prefill_over_the_cache(params, per_layer, attn_impl):
+    """`empty_cache=True` runs each row with its padding moved to the end and plain causal attention, then writes
+    the K/V behind the padding: last-token logits and every live cache slot equal the general prefill's (which
+    attends over the cache), on left-padded rows of different lengths, one of them unpadded."""
+    prompts = [[5, 17, 33, 9, 60, 2, 7], [40, 41], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    tokens, segments = generation.left_pad(prompts, 16, CONFIG.pad_token_id)
+    tokens, segments = jnp.asarray(tokens), jnp.asarray(segments)
+    results = {}
+    for empty in (False, True):
+        cache = generation.init_cache(CONFIG, len(prompts), 24, jnp.float32, per_layer=per_layer)
+        results[empty] = generation.prefill(params, tokens, segments, cache, CONFIG, attn_impl, empty_cache=empty)
+    (logits, cache), (general_logits, general_cache) = results[True], results[False]
+    np.testing.assert_allclose(logits, general_logits, atol=2e-5, rtol=0)
+    live = np.asarray(segments != 0)
+    for ours, theirs in zip(jax.tree.leaves((cache.k, cache.v)), jax.tree.leaves((general_cache.k, general_cache.v))):
+        np.testing.assert_allclose(np.asarray(ours)[..., :16, :, :][..., live, :, :],
+                                   np.asarray(theirs)[..., :16, :, :][..., live, :, :], atol=2e-5, rtol=0)
+    for name in ("positions", "segments", "end"):
+        np.testing.assert_array_equal(getattr(cache, name), getattr(general_cache, name))
+
+
+def test_prefill_marked_empty_refuses_a_filled_cache(params):
+    tokens, segments = generation.left_pad([[5, 17]], 16, CONFIG.pad_token_id)
+    cache = generation.init_cache(CONFIG, 1, 32, jnp.float32)
+    _, cache = generation.prefill(params, jnp.asarray(tokens), jnp.asarray(segments), cache, CONFIG,
+                                  empty_cache=True)
+    with pytest.raises(InputError, match="already holds 16 tokens; pass empty_cache=False"):
+        generation.prefill(params, jnp.asarray(tokens), jnp.asarray(segments), cache, CONFIG, empty_cache=True)

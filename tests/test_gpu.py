@@ -173,8 +173,8 @@ def test_pallas_decode_with_cache_write_matches_xla_on_gpu(batch):
 
 
 def test_bf16_generation_through_the_pallas_kernels_on_gpu(models):
-    """Prefill (flash with a query offset) and decode (split-K) against the XLA path in bf16: the logits of every
-    step agree within bf16 rounding while both are fed the same tokens."""
+    """Prefill (flash with a query offset; cuDNN's causal kernel into an empty cache) and decode (split-K) against
+    the XLA path in bf16: the logits of every step agree within bf16 rounding while both are fed the same tokens."""
     config, params, _ = models
     bf16 = smollm2.fuse_projections(cast_params(params, jnp.bfloat16))
     rng = np.random.RandomState(8)
@@ -202,6 +202,16 @@ def test_bf16_generation_through_the_pallas_kernels_on_gpu(models):
         step_logits, cache = generation.decode_step_jit(bf16, token, positions + step, cache, config, "pallas", True)
         steps.append(step_logits)
     logits["appending"] = np.stack([np.asarray(x) for x in steps])
+    # generate()'s prefill of an empty cache: the prompts attend to themselves through cuDNN's causal kernel.
+    cache = generation.init_cache(config, 3, 128, jnp.bfloat16, per_layer=True)
+    step_logits, cache = generation.prefill_jit(bf16, jnp.asarray(tokens), jnp.asarray(segments), cache, config,
+                                                "cudnn", empty_cache=True)
+    steps = [step_logits]
+    for step in range(8):
+        token = jnp.full((3,), 5 + step, jnp.int32)
+        step_logits, cache = generation.decode_step_jit(bf16, token, positions + step, cache, config, "pallas", True)
+        steps.append(step_logits)
+    logits["empty_cache"] = np.stack([np.asarray(x) for x in steps])
     # The fused layer kernels on the first row alone (they decode one row).
     serving = smollm2.unstack_layers(bf16)
     cache = generation.init_cache(config, 1, 128, jnp.bfloat16, per_layer=True)
@@ -217,6 +227,7 @@ def test_bf16_generation_through_the_pallas_kernels_on_gpu(models):
     probs = {impl: jax.nn.log_softmax(jnp.asarray(x), -1) for impl, x in logits.items()}
     assert float(jnp.mean(jnp.abs(probs["pallas"] - probs["xla"]))) < 0.05
     assert float(jnp.mean(jnp.abs(probs["appending"] - probs["xla"]))) < 0.05
+    assert float(jnp.mean(jnp.abs(probs["empty_cache"] - probs["xla"]))) < 0.05
     assert float(jnp.mean(jnp.abs(probs["fused"] - probs["xla"][:, :1]))) < 0.05
 
 

@@ -154,19 +154,30 @@ def _output_projection(layer: Params, attn_out: jax.Array) -> jax.Array:
 
 def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, positions: jax.Array,
                   segments: jax.Array, cache: KVCache | None = None, attn_impl: Implementation = "auto",
-                  remat: str = "none", unroll: bool = False,
-                  segment_mask: bool = True) -> tuple[jax.Array, KVCache | None]:
+                  remat: str = "none", unroll: bool = False, segment_mask: bool = True,
+                  pad_counts: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Runs all decoder layers: a `lax.scan` over the stacked layers, or with `unroll` a Python loop.
 
     x: [B, T, hidden] input embeddings; positions, segments: [B, T] (segment 0 = padding).
     Without a cache the T tokens attend to each other. With a cache they are written at slot `cache.end` and attend
     to everything the cache holds; the returned cache has `end` advanced by T.
+    `pad_counts` [B] (one prompt per row into an empty cache only; see `generation.prefill`): x holds each row's
+    real tokens first and its `pad_counts[b]` pads last; positions/segments describe the cache slots, left-padded
+    as always. Token t of row b is written at slot t + pad_counts[b], and the tokens attend to each other with
+    plain causal attention (exact, since every pad comes after the real tokens): the kind of call cuDNN's causal
+    kernel and the flash kernels run fastest, with no cache slots to scan. Hidden states come back in x's order.
     `unroll` gives one straight-line program (longer compile; faster small decode steps on accelerators). Layers
     given as a list (`unstack_layers`) always run unrolled. `segment_mask=False` (no cache only) drops the segment
     mask for plain causal attention: exact for unpacked rows padded at the end (see `smoljax.attention`).
     Returns (hidden states [B, T, hidden] before the final norm, updated cache or None).
     """
-    cos, sin = nn.rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+    self_attending = pad_counts is not None
+    if self_attending and cache is None:
+        raise ValueError("pad_counts is for a prompt written into an empty cache; pass the cache")
+    # Rows moved real-tokens-first hold one prompt each, so a token's index is its position.
+    rope_positions = (jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
+                      if self_attending else positions)
+    cos, sin = nn.rope_cos_sin(rope_positions, config.head_dim, config.rope_theta, x.dtype)
     view = None
     if cache is not None:
         cache = write_metadata(cache, positions, segments)
@@ -179,6 +190,9 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
         if cache is not None:
             raise ValueError("segment_mask=False is for whole-sequence forward passes, not the KV cache")
         q_segments = kv_segments = None
+    if self_attending:
+        q_segments = kv_segments = view = None
+        kv_positions = rope_positions
 
     # A decode step on per-layer cache buffers through the Pallas kernel folds RoPE and the cache write into the
     # attention kernel (`attention.decode_appending`); the stacked buffers of a layer scan take the plain path.
@@ -195,12 +209,16 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
             attn_out = attn_out[:, None]
         else:
             q, k, v = _attention_block(layer, x, cos, sin, config)
-            if k_cache is not None:
+            if self_attending:
+                # Store the rows behind each row's padding; attend over the prompt's own rows.
+                k_cache, _ = _append_rows(k_cache, shift_rows(k, pad_counts), index, cache.end)
+                v_cache, _ = _append_rows(v_cache, shift_rows(v, pad_counts), index, cache.end)
+            elif k_cache is not None:
                 # Write this layer's new rows in place, then attend over the layer's whole cache buffer.
                 k_cache, k = _append_rows(k_cache, k, index, cache.end)
                 v_cache, v = _append_rows(v_cache, v, index, cache.end)
                 k, v = k.astype(q.dtype), v.astype(q.dtype)
-            attn_out = attention(q, k, v, q_segments=q_segments, kv_segments=kv_segments, q_positions=positions,
+            attn_out = attention(q, k, v, q_segments=q_segments, kv_segments=kv_segments, q_positions=rope_positions,
                                  kv_positions=kv_positions, causal=True, implementation=attn_impl, cache=view)
         x = x + _output_projection(layer, attn_out)
         x = x + _mlp_block(layer, x, config)
@@ -235,6 +253,15 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
     if cache is not None:
         cache = cache._replace(k=k_all, v=v_all, end=cache.end + x.shape[1])
     return x, cache
+
+
+def shift_rows(rows: jax.Array, shifts: jax.Array) -> jax.Array:
+    """Rotates each row along axis 1: out[b, t] = rows[b, (t - shifts[b]) mod T]. rows: [B, T, ...]; shifts: [B].
+    A positive shift moves a row's tokens later (towards left padding), a negative one earlier."""
+    length = rows.shape[1]
+    source = (jnp.arange(length, dtype=jnp.int32)[None, :] - shifts[:, None].astype(jnp.int32)) % length
+    source = source.reshape(source.shape + (1,) * (rows.ndim - 2))
+    return jnp.take_along_axis(rows, source, axis=1)
 
 
 def cache_view(cache: KVCache, new_tokens: int) -> CacheView:
