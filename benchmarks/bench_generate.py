@@ -559,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": args.cpus,
             "smoljax_attn": args.smoljax_attn, "smoljax_unroll_layers": args.smoljax_unroll_layers,
             "smoljax_fused_layers": args.smoljax_fused_layers,
-            "smoljax_prefill_over_cache": args.smoljax_prefill_over_cache, "hf_attn": args.transformers_attn,
+            "smoljax_prefill_over_cache": args.smoljax_prefill_over_cache,
+            "hf_attn": args.transformers_attn,
             "transformers_compile": args.transformers_compile, "model": args.model}
     results: dict[tuple[str, str], dict[str, Any]] = {}
     try:
