@@ -6,6 +6,8 @@ and XLA reduce in different orders over 30 layers); bf16 is compared through log
 bound, and cuDNN attention against the XLA reference within bf16 rounding.
 """
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -172,6 +174,23 @@ def test_pallas_decode_with_cache_write_matches_xla_on_gpu(batch):
                                        rtol=1e-2, err_msg=f"trial {trial}")
 
 
+def _prefill_and_decode(params, config, tokens, segments, positions, *, prefill_impl, decode_impl,
+                        per_layer=False, empty_cache=False, unroll_layers=False, fused=False):
+    """Logits [9, B, V] of a prefill and 8 decode steps fed the tokens 5, 6, ..., 12 (bf16 cache of 128 slots)."""
+    batch = tokens.shape[0]
+    cache = generation.init_cache(config, batch, 128, jnp.bfloat16, per_layer=per_layer)
+    step_logits, cache = generation.prefill_jit(params, jnp.asarray(tokens), jnp.asarray(segments), cache, config,
+                                                prefill_impl, empty_cache=empty_cache)
+    steps = [step_logits]
+    decode_params = smollm2.unstack_layers(params) if fused else params
+    for step in range(8):
+        token = jnp.full((batch,), 5 + step, jnp.int32)
+        step_logits, cache = generation.decode_step_jit(decode_params, token, positions + step, cache, config,
+                                                        decode_impl, unroll_layers, fused)
+        steps.append(step_logits)
+    return np.stack([np.asarray(x) for x in steps])
+
+
 def test_bf16_generation_through_the_pallas_kernels_on_gpu(models):
     """Prefill (flash with a query offset; cuDNN's causal kernel into an empty cache) and decode (split-K) against
     the XLA path in bf16: the logits of every step agree within bf16 rounding while both are fed the same tokens."""
@@ -180,50 +199,17 @@ def test_bf16_generation_through_the_pallas_kernels_on_gpu(models):
     rng = np.random.RandomState(8)
     prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in (7, 50, 31)]
     tokens, segments = generation.left_pad(prompts, 64, 0)
-    logits = {}
-    for impl in ("xla", "pallas"):
-        cache = generation.init_cache(config, 3, 128, jnp.bfloat16)
-        step_logits, cache = generation.prefill_jit(bf16, jnp.asarray(tokens), jnp.asarray(segments), cache,
-                                                    config, impl)
-        steps = [step_logits]
-        positions = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        for step in range(8):
-            token = jnp.full((3,), 5 + step, jnp.int32)
-            step_logits, cache = generation.decode_step_jit(bf16, token, positions + step, cache, config, impl)
-            steps.append(step_logits)
-        logits[impl] = np.stack([np.asarray(x) for x in steps])
+    positions = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    run = functools.partial(_prefill_and_decode, bf16, config, tokens, segments, positions)
+    logits = {impl: run(prefill_impl=impl, decode_impl=impl) for impl in ("xla", "pallas")}
     # Unrolled layers on per-layer caches: decode through the kernel with RoPE and the cache write folded in.
-    cache = generation.init_cache(config, 3, 128, jnp.bfloat16, per_layer=True)
-    step_logits, cache = generation.prefill_jit(bf16, jnp.asarray(tokens), jnp.asarray(segments), cache, config,
-                                                "pallas")
-    steps = [step_logits]
-    for step in range(8):
-        token = jnp.full((3,), 5 + step, jnp.int32)
-        step_logits, cache = generation.decode_step_jit(bf16, token, positions + step, cache, config, "pallas", True)
-        steps.append(step_logits)
-    logits["appending"] = np.stack([np.asarray(x) for x in steps])
+    logits["appending"] = run(prefill_impl="pallas", decode_impl="pallas", per_layer=True, unroll_layers=True)
     # generate()'s prefill of an empty cache: the prompts attend to themselves through cuDNN's causal kernel.
-    cache = generation.init_cache(config, 3, 128, jnp.bfloat16, per_layer=True)
-    step_logits, cache = generation.prefill_jit(bf16, jnp.asarray(tokens), jnp.asarray(segments), cache, config,
-                                                "cudnn", empty_cache=True)
-    steps = [step_logits]
-    for step in range(8):
-        token = jnp.full((3,), 5 + step, jnp.int32)
-        step_logits, cache = generation.decode_step_jit(bf16, token, positions + step, cache, config, "pallas", True)
-        steps.append(step_logits)
-    logits["empty_cache"] = np.stack([np.asarray(x) for x in steps])
+    logits["empty_cache"] = run(prefill_impl="cudnn", decode_impl="pallas", per_layer=True, unroll_layers=True,
+                                empty_cache=True)
     # The fused layer kernels on the first row alone (they decode one row).
-    serving = smollm2.unstack_layers(bf16)
-    cache = generation.init_cache(config, 1, 128, jnp.bfloat16, per_layer=True)
-    step_logits, cache = generation.prefill_jit(bf16, jnp.asarray(tokens[:1]), jnp.asarray(segments[:1]), cache,
-                                                config, "pallas")
-    steps = [step_logits]
-    for step in range(8):
-        token = jnp.full((1,), 5 + step, jnp.int32)
-        step_logits, cache = generation.decode_step_jit(serving, token, jnp.asarray([len(prompts[0]) + step]),
-                                                        cache, config, "pallas", True, True)
-        steps.append(step_logits)
-    logits["fused"] = np.stack([np.asarray(x) for x in steps])
+    logits["fused"] = _prefill_and_decode(bf16, config, tokens[:1], segments[:1], positions[:1], prefill_impl="pallas",
+                                          decode_impl="pallas", per_layer=True, unroll_layers=True, fused=True)
     probs = {impl: jax.nn.log_softmax(jnp.asarray(x), -1) for impl, x in logits.items()}
     assert float(jnp.mean(jnp.abs(probs["pallas"] - probs["xla"]))) < 0.05
     assert float(jnp.mean(jnp.abs(probs["appending"] - probs["xla"]))) < 0.05
