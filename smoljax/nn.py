@@ -11,10 +11,14 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
     x: [..., hidden], weight: [hidden] -> [..., hidden] in x.dtype.
     """
-    x32 = x.astype(jnp.float32)
-    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
+    normed = (x.astype(jnp.float32) * inverse_rms(x, eps)).astype(x.dtype)
     return weight.astype(x.dtype) * normed
+
+
+def inverse_rms(x: jax.Array, eps: float) -> jax.Array:
+    """1 / sqrt(mean(x^2) + eps) over the last axis in f32: x [..., hidden] -> [..., 1] (RMSNorm's scale)."""
+    x32 = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:

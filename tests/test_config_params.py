@@ -351,6 +351,30 @@ def test_grad_is_finite_with_the_params_structure_and_matches_finite_differences
     assert abs(numeric - analytic) <= 0.02 * abs(analytic)
 
 
+@pytest.mark.parametrize("layout", ["stacked", "fused"])
+def test_prompt_with_the_norm_folded_into_the_projections_equals_the_plain_norm(params, monkeypatch, layout):
+    """A prompt of FOLD_NORM_MIN_TOKENS or more written into the cache scales the projections by the norm weights
+    and their outputs by 1/rms; the logits and the cache must equal the plain norm's."""
+    from smoljax.cache import init_cache
+    from smoljax.generation import prefill
+
+    tokens = random_tokens((2, 12))
+    segments = jnp.asarray([[0] * 3 + [1] * 9, [1] * 12], jnp.int32)  # one left-padded row
+    model_params = smollm2.fuse_projections(params) if layout == "fused" else params
+    results, programs = {}, {}
+    for fold in (False, True):
+        monkeypatch.setattr(smollm2, "FOLD_NORM_MIN_TOKENS", 1 if fold else 10**9)
+
+        def prompt(p):  # a fresh function each time: jax caches traces by function
+            return prefill(p, tokens, segments, init_cache(TINY, 2, 16, jnp.float32), TINY, empty_cache=True)
+
+        results[fold] = jax.jit(prompt)(model_params)
+        programs[fold] = str(jax.make_jaxpr(prompt)(model_params))
+    assert programs[True] != programs[False]  # the threshold really switches the computation
+    for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=0)
+
+
 def test_vmap_over_single_sequences_equals_batched_forward(params):
     tokens = random_tokens((2, 12))
     batched = forward(params, tokens, config=TINY)

@@ -67,6 +67,23 @@ def test_logprobs_match_transformers(real_model, hf_real_model, name):
     assert np.max(np.abs(ours - theirs)) <= 5e-4
 
 
+def test_long_prompt_prefill_matches_transformers(real_model, hf_real_model):
+    """A prompt of 600 tokens, left-padded in a batch with a shorter one, goes through generate()'s prefill with
+    RMSNorm folded into the projections (smollm2.FOLD_NORM_MIN_TOKENS); its next-token distribution is HF's."""
+    config, params, tokenizer, _ = real_model
+    long_prompt = tokenizer.encode(_long_text())[:600]
+    assert len(long_prompt) * 2 >= smollm2.FOLD_NORM_MIN_TOKENS
+    tokens, segments = generation.left_pad([long_prompt, long_prompt[:450]], 600, config.pad_token_id or 0)
+    cache = generation.init_cache(config, 2, 640, jnp.float32)
+    logits, _ = generation.prefill_jit(params, jnp.asarray(tokens), jnp.asarray(segments), cache, config,
+                                       empty_cache=True)
+    ours = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    for row, prompt in enumerate([long_prompt, long_prompt[:450]]):
+        with torch.no_grad():
+            theirs = torch.log_softmax(hf_real_model(torch.tensor([prompt])).logits[0, -1].double(), -1).numpy()
+        assert np.max(np.abs(ours[row] - theirs)) <= 5e-4
+
+
 @pytest.mark.parametrize("question", ["What is the capital of France?",
                                       "Write a Python function that reverses a string."])
 def test_greedy_continuation_matches_transformers(real_model, hf_real_model, question):

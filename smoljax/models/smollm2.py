@@ -112,19 +112,45 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)]}
 
 
-def _qkv_projection(layer: Params, x: jax.Array, config: LlamaConfig) -> tuple[jax.Array, ...]:
+# A prompt of at least this many tokens written into the KV cache folds RMSNorm's weight into the projections that
+# follow it and scales their outputs by 1/rms, so the normalised activations are never written out: the prompt's
+# activations outweigh the layer's weights, and the fold rides on the copy that slices a layer's weights out of the
+# stacked ones. A decode step (a few tokens) keeps the plain norm, where scaling the weights would be the larger
+# pass; so does training, whose step measured slower with the fold (NOTES-kernels.md, 23).
+FOLD_NORM_MIN_TOKENS = 512
+
+
+def _normed_projection(equation: str, x: jax.Array, norm_weight: jax.Array, weight: jax.Array, in_axis: int,
+                       eps: float, fold: bool) -> jax.Array:
+    """einsum(equation, rms_norm(x, norm_weight), weight) for x [B, T, hidden]; `in_axis` is the weight's hidden
+    axis; `fold` moves the norm's weight into `weight` and its 1/rms after the product. Output [B, T, ...] in x's
+    dtype."""
+    if not fold:
+        return jnp.einsum(equation, nn.rms_norm(x, norm_weight, eps), weight)
+    scale_shape = [1] * weight.ndim
+    scale_shape[in_axis] = -1
+    folded = (weight.astype(jnp.float32) * norm_weight.astype(jnp.float32).reshape(scale_shape)).astype(weight.dtype)
+    out = jnp.einsum(equation, x, folded)
+    inverse = nn.inverse_rms(x, eps).reshape(x.shape[:2] + (1,) * (out.ndim - 2))
+    return (out.astype(jnp.float32) * inverse).astype(x.dtype)
+
+
+def _qkv_projection(layer: Params, x: jax.Array, config: LlamaConfig,
+                    fold_norm: bool = False) -> tuple[jax.Array, ...]:
     """Pre-norm and the q/k/v projections, before RoPE: x [B, T, hidden] -> (qkv [B, T, Hq + 2 * Hkv, D],) from
     the fused weight (query heads, then key heads, then value heads), else (q [B,T,Hq,D], k, v [B,T,Hkv,D])."""
-    normed = nn.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+    norm, eps = layer["attn_norm"], config.rms_norm_eps
     if "qkv_proj_t" in layer:
-        qkv = jnp.einsum("bth,nh->btn", normed, layer["qkv_proj_t"])
+        qkv = _normed_projection("bth,nh->btn", x, norm, layer["qkv_proj_t"], 1, eps, fold_norm)
         return (qkv.reshape(*qkv.shape[:2], -1, config.head_dim),)
-    return tuple(jnp.einsum("bth,hnd->btnd", normed, layer[name]) for name in ("q_proj", "k_proj", "v_proj"))
+    return tuple(_normed_projection("bth,hnd->btnd", x, norm, layer[name], 0, eps, fold_norm)
+                 for name in ("q_proj", "k_proj", "v_proj"))
 
 
-def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, config: LlamaConfig):
+def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, config: LlamaConfig,
+                     fold_norm: bool = False):
     """Pre-norm and the q/k/v projections with RoPE. x: [B, T, hidden] -> q [B,T,Hq,D], k, v [B,T,Hkv,D]."""
-    heads = _qkv_projection(layer, x, config)
+    heads = _qkv_projection(layer, x, config, fold_norm)
     if len(heads) == 1:
         q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         heads = jnp.split(heads[0], [q_heads, q_heads + kv_heads], axis=2)
@@ -132,13 +158,16 @@ def _attention_block(layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array
     return nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin), v
 
 
-def _mlp_block(layer: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
-    normed = nn.rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+def _mlp_block(layer: Params, x: jax.Array, config: LlamaConfig, fold_norm: bool = False) -> jax.Array:
+    norm, eps = layer["mlp_norm"], config.rms_norm_eps
     if "gate_up_proj_t" in layer:
-        gate, up = jnp.split(jnp.einsum("bth,mh->btm", normed, layer["gate_up_proj_t"]), 2, axis=-1)
+        gate, up = jnp.split(_normed_projection("bth,mh->btm", x, norm, layer["gate_up_proj_t"], 1, eps, fold_norm),
+                             2, axis=-1)
         out = jnp.einsum("btm,hm->bth", nn.swiglu(gate, up), layer["down_proj_t"])
     else:
-        out = nn.swiglu(normed @ layer["gate_proj"], normed @ layer["up_proj"]) @ layer["down_proj"]
+        gate, up = (_normed_projection("bth,hm->btm", x, norm, layer[name], 0, eps, fold_norm)
+                    for name in ("gate_proj", "up_proj"))
+        out = nn.swiglu(gate, up) @ layer["down_proj"]
     return checkpoint_name(out, "mlp_out")
 
 
@@ -196,23 +225,24 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
 
     # A decode step on per-layer cache buffers through the Pallas kernel folds RoPE and the cache write into the
     # attention kernel (`attention.decode_appending`); the stacked buffers of a layer scan take the plain path.
+    fold_norm = cache is not None and x.shape[0] * x.shape[1] >= FOLD_NORM_MIN_TOKENS
     appending = (view is not None and x.shape[1] == 1
                  and appends_in_kernel(attn_impl, x.dtype, cache.dtype, cache.max_length))
 
     def layer_step(carry, layer_and_index):
         x, k_cache, v_cache = carry
         layer, index = layer_and_index
+        prompt_kv = None
         if appending and index is None:
             qkv = jnp.concatenate(_qkv_projection(layer, x, config), axis=2)[:, 0]
             attn_out, k_cache, v_cache = decode_appending(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache, kv_segments,
                                                           view, q_heads=config.num_attention_heads)
             attn_out = attn_out[:, None]
         else:
-            q, k, v = _attention_block(layer, x, cos, sin, config)
+            q, k, v = _attention_block(layer, x, cos, sin, config, fold_norm)
             if self_attending:
-                # Store the rows behind each row's padding; attend over the prompt's own rows.
-                k_cache, _ = _append_rows(k_cache, shift_rows(k, pad_counts), index, cache.end)
-                v_cache, _ = _append_rows(v_cache, shift_rows(v, pad_counts), index, cache.end)
+                # The prompt attends over its own rows; they go to the cache after the last layer.
+                prompt_kv = (k, v)
             elif k_cache is not None:
                 # Write this layer's new rows in place, then attend over the layer's whole cache buffer.
                 k_cache, k = _append_rows(k_cache, k, index, cache.end)
@@ -221,35 +251,46 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
             attn_out = attention(q, k, v, q_segments=q_segments, kv_segments=kv_segments, q_positions=rope_positions,
                                  kv_positions=kv_positions, causal=True, implementation=attn_impl, cache=view)
         x = x + _output_projection(layer, attn_out)
-        x = x + _mlp_block(layer, x, config)
-        return (x, k_cache, v_cache), None
+        x = x + _mlp_block(layer, x, config, fold_norm)
+        return (x, k_cache, v_cache), prompt_kv
 
     if remat != "none":
         layer_step = jax.checkpoint(layer_step, policy=_remat_policy(remat), prevent_cse=False)
+    # The layers carry the cache buffers, except in a prompt's self-attention, which only emits its K/V rows.
+    carries_cache = cache is not None and not self_attending
     unstacked = isinstance(params["layers"], (list, tuple))
     if unroll or unstacked:
         # A Python loop: each layer gets its own weights (static slices of the stacked ones, unless already
         # unstacked) and its own cache buffer.
-        k_layers = _as_layer_tuple(cache.k) if cache is not None else None
-        v_layers = _as_layer_tuple(cache.v) if cache is not None else None
-        new_k, new_v = [], []
+        k_layers = _as_layer_tuple(cache.k) if carries_cache else None
+        v_layers = _as_layer_tuple(cache.v) if carries_cache else None
+        new_k, new_v, prompt_k, prompt_v = [], [], [], []
         for index in range(config.num_hidden_layers):
             layer = (params["layers"][index] if unstacked
                      else jax.tree.map(lambda stacked: stacked[index], params["layers"]))
-            layer_kv = (k_layers[index], v_layers[index]) if cache is not None else (None, None)
-            (x, k_layer, v_layer), _ = layer_step((x, *layer_kv), (layer, None))
+            layer_kv = (k_layers[index], v_layers[index]) if carries_cache else (None, None)
+            (x, k_layer, v_layer), rows = layer_step((x, *layer_kv), (layer, None))
             new_k.append(k_layer)
             new_v.append(v_layer)
+            if self_attending:
+                prompt_k.append(rows[0])
+                prompt_v.append(rows[1])
         k_all, v_all = tuple(new_k), tuple(new_v)
-        if cache is not None and not isinstance(cache.k, tuple):
+        if carries_cache and not isinstance(cache.k, tuple):
             k_all, v_all = jnp.stack(k_all), jnp.stack(v_all)
     else:
-        carry = (x, _as_stacked(cache.k) if cache is not None else None,
-                 _as_stacked(cache.v) if cache is not None else None)
+        carry = (x, _as_stacked(cache.k) if carries_cache else None,
+                 _as_stacked(cache.v) if carries_cache else None)
         layer_indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-        (x, k_all, v_all), _ = jax.lax.scan(layer_step, carry, (params["layers"], layer_indices))
-        if cache is not None and isinstance(cache.k, tuple):
+        (x, k_all, v_all), prompt_rows = jax.lax.scan(layer_step, carry, (params["layers"], layer_indices))
+        if carries_cache and isinstance(cache.k, tuple):
             k_all, v_all = _as_layer_tuple(k_all), _as_layer_tuple(v_all)
+        if self_attending:
+            prompt_k, prompt_v = prompt_rows
+    if self_attending:
+        # Each row's K/V go behind its padding, as the general path leaves them.
+        k_all = _store_prompt_rows(cache.k, prompt_k, pad_counts, cache.end)
+        v_all = _store_prompt_rows(cache.v, prompt_v, pad_counts, cache.end)
     if cache is not None:
         cache = cache._replace(k=k_all, v=v_all, end=cache.end + x.shape[1])
     return x, cache
@@ -282,6 +323,18 @@ def _append_rows(buffer: jax.Array, rows: jax.Array, layer_index: jax.Array | No
         return buffer, buffer
     buffer = jax.lax.dynamic_update_slice(buffer, rows[None].astype(buffer.dtype), (layer_index, 0, start, 0, 0))
     return buffer, buffer[layer_index]
+
+
+def _store_prompt_rows(buffer: jax.Array | tuple[jax.Array, ...], rows: jax.Array | list[jax.Array],
+                       pad_counts: jax.Array, start: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
+    """Writes a prompt's K or V rows, real tokens first (stacked [L, B, T, Hkv, D] or a list of [B, T, Hkv, D]), at
+    slot `start` of the cache buffer (stacked or per-layer), each row moved behind its `pad_counts` [B] pads."""
+    if isinstance(buffer, tuple):
+        return tuple(jax.lax.dynamic_update_slice(layer_buffer, shift_rows(layer_rows, pad_counts).astype(
+            layer_buffer.dtype), (0, start, 0, 0)) for layer_buffer, layer_rows in zip(buffer, rows))
+    rows = jnp.stack(rows) if isinstance(rows, list) else rows
+    shifted = jax.vmap(shift_rows, in_axes=(0, None))(rows, pad_counts)
+    return jax.lax.dynamic_update_slice(buffer, shifted.astype(buffer.dtype), (0, 0, start, 0, 0))
 
 
 def _as_layer_tuple(buffer: jax.Array | tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
