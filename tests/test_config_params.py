@@ -354,23 +354,28 @@ def test_grad_is_finite_with_the_params_structure_and_matches_finite_differences
 @pytest.mark.parametrize("layout", ["stacked", "fused"])
 def test_prompt_with_the_norm_folded_into_the_projections_equals_the_plain_norm(params, monkeypatch, layout):
     """A prompt of FOLD_NORM_MIN_TOKENS or more written into the cache scales the projections by the norm weights
-    and their outputs by 1/rms; the logits and the cache must equal the plain norm's."""
+    and their outputs by 1/rms; the logits and the cache must equal the plain norm's. A decode step never folds."""
     from smoljax.cache import init_cache
-    from smoljax.generation import prefill
+    from smoljax.generation import decode_step, prefill
 
     tokens = random_tokens((2, 12))
     segments = jnp.asarray([[0] * 3 + [1] * 9, [1] * 12], jnp.int32)  # one left-padded row
     model_params = smollm2.fuse_projections(params) if layout == "fused" else params
-    results, programs = {}, {}
+    results, programs, steps = {}, {}, {}
     for fold in (False, True):
         monkeypatch.setattr(smollm2, "FOLD_NORM_MIN_TOKENS", 1 if fold else 10**9)
 
         def prompt(p):  # a fresh function each time: jax caches traces by function
             return prefill(p, tokens, segments, init_cache(TINY, 2, 16, jnp.float32), TINY, empty_cache=True)
 
+        def step(p, cache):
+            return decode_step(p, tokens[:, 0], jnp.asarray([9, 12]), cache, TINY)
+
         results[fold] = jax.jit(prompt)(model_params)
         programs[fold] = str(jax.make_jaxpr(prompt)(model_params))
+        steps[fold] = str(jax.make_jaxpr(step)(model_params, results[fold][1]))
     assert programs[True] != programs[False]  # the threshold really switches the computation
+    assert steps[True] == steps[False]
     for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=0)
 

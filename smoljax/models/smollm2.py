@@ -112,11 +112,12 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)]}
 
 
-# A prompt of at least this many tokens written into the KV cache folds RMSNorm's weight into the projections that
-# follow it and scales their outputs by 1/rms, so the normalised activations are never written out: the prompt's
-# activations outweigh the layer's weights, and the fold rides on the copy that slices a layer's weights out of the
-# stacked ones. A decode step (a few tokens) keeps the plain norm, where scaling the weights would be the larger
-# pass; so does training, whose step measured slower with the fold (NOTES-kernels.md, 23).
+# Prompts of at least this many tokens in all written into the KV cache fold RMSNorm's weight into the projections
+# that follow it and scale their outputs by 1/rms, so the normalised activations are never written out: the
+# prompt's activations outweigh the layer's weights, and the fold rides on the copy that slices a layer's weights
+# out of the stacked ones. A decode step (one token a row, at any batch) keeps the plain norm, where scaling the
+# weights would be the larger pass; so does training, whose step measured slower with the fold (NOTES-kernels.md
+# §23).
 FOLD_NORM_MIN_TOKENS = 512
 
 
@@ -223,9 +224,9 @@ def decoder_stack(params: Params, x: jax.Array, config: LlamaConfig, *, position
         q_segments = kv_segments = view = None
         kv_positions = rope_positions
 
+    fold_norm = cache is not None and x.shape[1] > 1 and x.shape[0] * x.shape[1] >= FOLD_NORM_MIN_TOKENS
     # A decode step on per-layer cache buffers through the Pallas kernel folds RoPE and the cache write into the
     # attention kernel (`attention.decode_appending`); the stacked buffers of a layer scan take the plain path.
-    fold_norm = cache is not None and x.shape[0] * x.shape[1] >= FOLD_NORM_MIN_TOKENS
     appending = (view is not None and x.shape[1] == 1
                  and appends_in_kernel(attn_impl, x.dtype, cache.dtype, cache.max_length))
 
