@@ -6,11 +6,13 @@
 Each variant is generate()'s prefill of an empty cache (`prefill(..., empty_cache=True)` with the cache allocated
 inside the same jit) in one layout: the layer weights stacked as loaded or fused into q/k/v and gate/up
 (`fuse_projections`, generate()'s default on accelerators), the cache stacked or per layer (generate()'s
-default on accelerators), the layers scanned or unrolled, RMSNorm folded into the projections or not.
+default on accelerators), the layers scanned or unrolled, RMSNorm folded into the projections or not, the attention
+left to `auto` or named (`-pallas`, `-xla`, `-cudnn`).
 `--baseline` names a file holding another version of `smoljax/models/smollm2.py`: generation's prefill runs with
 it in place of the installed one as extra variants ("base-..."), so an old and a new layer loop are timed in the
-same process. Rounds alternate the variants so that drift in the GPU's clocks falls on all
-of them alike; the table gives each variant's median over rounds of the per-round median call.
+same process. `--ragged` left-pads rows of random lengths (bench_generate's `--prefill-ragged`); tok/s then counts
+real tokens, MFU the padded shape's FLOPs. Rounds alternate the variants so that drift in the GPU's clocks falls on
+all of them alike; the table gives each variant's median over rounds of the per-round median call.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import harness
 
 harness.use_checkout_if_not_installed()
 
+from bench_generate import prompt_lengths  # noqa: E402
 from bench_suite import prefill_flops_per_token  # noqa: E402
 
 PEAK_FLOPS = 798e12  # the H100's measured bf16 matmul peak (bench_suite's --peak-flops)
@@ -54,7 +57,7 @@ def patched(module, name: str, value):
         setattr(module, name, saved)
 
 
-def prefill_program(config, cache_length: int, per_layer: bool, fuse: bool, unroll: bool):
+def prefill_program(config, cache_length: int, per_layer: bool, fuse: bool, unroll: bool, attn_impl: str):
     """generate()'s prefill (`generation.prefill(..., empty_cache=True)`, the cache allocated in the same jit) in
     one layout; per-layer weights (`unstack_layers`) make the layer loop run unrolled."""
     import jax
@@ -69,7 +72,7 @@ def prefill_program(config, cache_length: int, per_layer: bool, fuse: bool, unro
         if unroll:
             params = smollm2.unstack_layers(params)
         cache = init_cache(config, tokens.shape[0], cache_length, params["embed"].dtype, per_layer=per_layer)
-        return prefill(params, tokens, segments, cache, config, empty_cache=True)
+        return prefill(params, tokens, segments, cache, config, attn_impl, empty_cache=True)
     return run
 
 
@@ -116,7 +119,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--calls", type=int, default=20, help="timed calls per variant per round")
     parser.add_argument("--variants", default="stacked,fused-stacked,fused-per-layer,fused-per-layer-unrolled",
-                        help="comma-separated: [fused-](stacked|per-layer)[-unrolled][-nofold]")
+                        help="comma-separated: [fused-](stacked|per-layer)[-unrolled][-nofold][-pallas|-xla|-cudnn]")
+    parser.add_argument("--ragged", action="store_true",
+                        help="rows left-padded to the shape, their lengths drawn from [T/2, T] (bench_generate's)")
     parser.add_argument("--baseline", default="", help="another smollm2.py whose layer loop also runs")
     parser.add_argument("--hlo-dir", default="", help="write each variant's optimised HLO here")
     parser.add_argument("--profile-dir", default="", help="also trace each variant's kernels into this folder")
@@ -144,18 +149,21 @@ def main() -> None:
     for shape in args.shapes.split(","):
         batch, seq = (int(n) for n in shape.split("x"))
         tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, config.vocab_size)
-        segments = jnp.ones_like(tokens)
+        lengths = prompt_lengths(batch, seq, args.ragged)
+        segments = jnp.asarray([[0] * (seq - n) + [1] * n for n in lengths], jnp.int32)
         programs = {}
         for model_name, model in models.items():
             for variant in args.variants.split(","):
                 fuse, unroll = variant.startswith("fused-"), "-unrolled" in variant
                 per_layer = "per-layer" in variant
-                run = prefill_program(config, bucket_length(seq), per_layer, fuse, unroll)
+                attn_impl = next((impl for impl in ("pallas", "xla", "cudnn") if variant.endswith(f"-{impl}")),
+                                 "auto")
+                run = prefill_program(config, bucket_length(seq), per_layer, fuse, unroll, attn_impl)
                 name = f"{model_name}-{variant}"
                 start = time.perf_counter()
                 # Traced with `model` as generation's layer loop, and the fold switched off for "-nofold".
                 with patched(generation, "smollm2", model if model is not smollm2 else None), \
-                        patched(model, "FOLD_NORM_MIN_TOKENS", 10**9 if variant.endswith("-nofold") else None):
+                        patched(model, "FOLD_NORM_MIN_TOKENS", 10**9 if "-nofold" in variant else None):
                     compiled = run.lower(params, tokens, segments).compile()
                 compile_s = time.perf_counter() - start
                 if args.hlo_dir:
@@ -165,13 +173,14 @@ def main() -> None:
         medians = time_rounds(programs, args.rounds, args.calls)
         if args.profile_dir:
             profile_programs(programs, f"{args.profile_dir}/profile-{shape}.json")
-        flops = batch * seq * prefill_flops_per_token(seq)
-        print(f"\n## prefill {shape}\n\n| variant | ms (median of rounds) | rounds | tok/s | MFU | compile s |")
+        flops = batch * seq * prefill_flops_per_token(seq)  # of the padded shape; tok/s counts real tokens
+        label = f"{shape} ragged" if args.ragged else shape
+        print(f"\n## prefill {label}\n\n| variant | ms (median of rounds) | rounds | tok/s | MFU | compile s |")
         print("|---|---:|---|---:|---:|---:|")
         for name, per_round in medians.items():
             seconds = statistics.median(per_round)
             row = {"shape": shape, "variant": name, "seconds": seconds, "rounds_s": per_round,
-                   "tok_s": batch * seq / seconds, "mfu": flops / seconds / PEAK_FLOPS,
+                   "tok_s": sum(lengths) / seconds, "mfu": flops / seconds / PEAK_FLOPS,
                    "compile_s": programs[name][1]}
             results.append(row)
             print(f"| {name} | {seconds * 1e3:.3f} | {' '.join(f'{t * 1e3:.2f}' for t in per_round)} | "

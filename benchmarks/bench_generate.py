@@ -50,7 +50,7 @@ def _random_prompts(batch: int, length: int, vocab_size: int, seed: int = SEED):
     return rng.integers(3, vocab_size, size=(batch, length), dtype=np.int64)
 
 
-def _prompt_lengths(batch: int, length: int, ragged: bool, seed: int = SEED) -> list[int]:
+def prompt_lengths(batch: int, length: int, ragged: bool, seed: int = SEED) -> list[int]:
     """Each prefill row's real prompt length: all `length`, or (ragged) drawn from [length / 2, length], the rows
     then left-padded to `length` as generate() pads a batch to its bucket."""
     import numpy as np
@@ -254,7 +254,7 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         seq_len = task["seq_len"]
         ids = _random_prompts(batch, seq_len, config.vocab_size).tolist()
-        prompts = [row[seq_len - n:] for row, n in zip(ids, _prompt_lengths(batch, seq_len, task["ragged"]))]
+        prompts = [row[seq_len - n:] for row, n in zip(ids, prompt_lengths(batch, seq_len, task["ragged"]))]
         tokens, segments = left_pad(prompts, seq_len, config.pad_token_id or 0)
         tokens, segments = jnp.asarray(tokens), jnp.asarray(segments)
         run = prefill_fn(bucket_length(seq_len))
@@ -333,7 +333,7 @@ def _child_transformers(spec: dict[str, Any]) -> dict[str, Any]:
         seq_len = task["seq_len"]
         input_ids = torch.as_tensor(_random_prompts(batch, seq_len, vocab), device=device)
         attention_mask = torch.ones_like(input_ids)
-        for row, n in enumerate(_prompt_lengths(batch, seq_len, task["ragged"])):
+        for row, n in enumerate(prompt_lengths(batch, seq_len, task["ragged"])):
             attention_mask[row, : seq_len - n] = 0  # left padding, as transformers pads for generation
 
         def run_prefill():
@@ -475,7 +475,7 @@ def _metrics(task: dict[str, Any], res: dict[str, Any]) -> dict[str, float | Non
         out["median_s"] = gen["median_s"]
     else:
         pre = res["prefill"]
-        real_tokens = sum(_prompt_lengths(batch, task["seq_len"], task["ragged"]))
+        real_tokens = sum(prompt_lengths(batch, task["seq_len"], task["ragged"]))
         out["prefill_tok_s"] = real_tokens / pre["median_s"]
         out["prefill_s"] = pre["median_s"]
         out["first_call_s"] = pre["first_call_s"]
