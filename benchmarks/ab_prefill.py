@@ -135,7 +135,7 @@ def main() -> None:
     import jax.numpy as jnp
     import smoljax
     from smoljax import generation
-    from smoljax.generation import bucket_length
+    from smoljax.generation import bucket_length, left_pad
     from smoljax.models import smollm2
 
     config = smoljax.preset("SmolLM2-135M-Instruct")
@@ -148,9 +148,10 @@ def main() -> None:
     results = []
     for shape in args.shapes.split(","):
         batch, seq = (int(n) for n in shape.split("x"))
-        tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, config.vocab_size)
+        ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, config.vocab_size).tolist()
         lengths = prompt_lengths(batch, seq, args.ragged)
-        segments = jnp.asarray([[0] * (seq - n) + [1] * n for n in lengths], jnp.int32)
+        tokens, segments = left_pad([row[seq - n:] for row, n in zip(ids, lengths)], seq, config.pad_token_id or 0)
+        tokens, segments = jnp.asarray(tokens), jnp.asarray(segments)
         programs = {}
         for model_name, model in models.items():
             for variant in args.variants.split(","):
