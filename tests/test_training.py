@@ -871,6 +871,7 @@ def test_a_save_killed_part_way_leaves_the_previous_checkpoint_usable(interrupte
     proc, work = interrupted_save
     assert proc.wait() == -9, f"the child was not SIGKILLed:\n{proc.log_tail()}"
     marker = json.loads((work / "kill_marker.json").read_text())
+    assert marker["step2_started_before_kill"], "orbax never began writing step 2 before the kill"
     directory = work / "ckpt"
     checkpointer = Checkpointer(directory)
     latest = checkpointer.latest_step()

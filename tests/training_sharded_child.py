@@ -11,7 +11,7 @@
 
     python tests/training_sharded_child.py interrupted-save CKPT_DIR
         Saves a small state at step 1 (and waits), starts an async save of a ~200 MB state at step 2, and SIGKILLs
-        itself as soon as `save` returns, i.e. while orbax is still writing step 2 in the background.
+        itself as soon as step 2's directory appears, i.e. while orbax is still writing it in the background.
 
 The test module imports the shared settings below (the tiny config, optimizer, step options, meshes), so both
 processes train exactly the same thing. Nothing here asserts: the test process does.
@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "sharded":
@@ -252,6 +253,16 @@ def big_state() -> TrainState:
                       jax.random.PRNGKey(8))
 
 
+def _wait_for_step_directory(directory: str, step: int, timeout_s: float) -> bool:
+    """Polls until `directory` holds step's final directory or orbax's temporary one (`<step>.orbax-...-tmp...`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(name == str(step) or name.startswith(f"{step}.") for name in os.listdir(directory)):
+            return True
+        time.sleep(0.001)
+    return False
+
+
 def run_interrupted_save(directory: str) -> None:
     from smoljax.training.checkpoint import Checkpointer
 
@@ -261,12 +272,13 @@ def run_interrupted_save(directory: str) -> None:
     state = big_state()
     jax.block_until_ready(state)
     checkpointer.save(2, state, {"position": 2})
-    # `save` has returned: the arrays are copied and orbax writes them in a background thread. Note whether step 2's
-    # final directory already exists (it should not: orbax renames it from a temporary one only when complete), then
-    # die without any cleanup, as a preempted job would.
+    # `save` has returned: the arrays are copied and orbax writes them in a background thread, which may not have
+    # created step 2's temporary directory yet. Wait until it (or, if the write already won, the final directory)
+    # exists, so the kill lands mid-write; note which; then die without any cleanup, as a preempted job would.
+    started = _wait_for_step_directory(directory, 2, timeout_s=120)
     finished = os.path.isdir(os.path.join(directory, "2"))
     with open(os.path.join(os.path.dirname(os.path.abspath(directory)), "kill_marker.json"), "w") as f:
-        json.dump({"step2_complete_before_kill": finished}, f)
+        json.dump({"step2_started_before_kill": started, "step2_complete_before_kill": finished}, f)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
