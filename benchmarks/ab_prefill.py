@@ -30,7 +30,7 @@ import harness
 
 harness.use_checkout_if_not_installed()
 
-from bench_generate import prompt_lengths  # noqa: E402
+from bench_generate import padded_prefill_batch, prompt_lengths  # noqa: E402
 from bench_suite import prefill_flops_per_token  # noqa: E402
 
 PEAK_FLOPS = 798e12  # the H100's measured bf16 matmul peak (bench_suite's --peak-flops)
@@ -135,7 +135,7 @@ def main() -> None:
     import jax.numpy as jnp
     import smoljax
     from smoljax import generation
-    from smoljax.generation import bucket_length, left_pad
+    from smoljax.generation import bucket_length
     from smoljax.models import smollm2
 
     config = smoljax.preset("SmolLM2-135M-Instruct")
@@ -148,9 +148,8 @@ def main() -> None:
     results = []
     for shape in args.shapes.split(","):
         batch, seq = (int(n) for n in shape.split("x"))
-        ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, config.vocab_size).tolist()
         lengths = prompt_lengths(batch, seq, args.ragged)
-        tokens, segments = left_pad([row[seq - n:] for row, n in zip(ids, lengths)], seq, config.pad_token_id or 0)
+        tokens, segments = padded_prefill_batch(batch, seq, args.ragged, config.vocab_size, config.pad_token_id or 0)
         tokens, segments = jnp.asarray(tokens), jnp.asarray(segments)
         programs = {}
         for model_name, model in models.items():

@@ -59,6 +59,15 @@ def prompt_lengths(batch: int, length: int, ragged: bool, seed: int = SEED) -> l
     return np.random.default_rng(seed + 1).integers(length // 2, length + 1, batch).tolist()
 
 
+def padded_prefill_batch(batch: int, length: int, ragged: bool, vocab_size: int, pad_id: int):
+    """The smoljax prefill workload: random prompts of `prompt_lengths`, left-padded to `length` by generate()'s
+    `left_pad`. Returns (tokens, segment ids), numpy [batch, length] each."""
+    from smoljax.generation import left_pad
+    ids = _random_prompts(batch, length, vocab_size).tolist()
+    prompts = [row[length - n:] for row, n in zip(ids, prompt_lengths(batch, length, ragged))]
+    return left_pad(prompts, length, pad_id)
+
+
 def _measure(calls: dict[str, Callable[[], Any]], spec: dict[str, Any], memory: "harness.MemoryProbe") -> dict[str, Any]:
     """Times each call: a first call (it compiles), `warmup` untimed calls, then `repeats` timed ones (median).
 
@@ -253,9 +262,8 @@ def _child_smoljax(spec: dict[str, Any]) -> dict[str, Any]:
         result["row0_tokens"] = generated[0]
     else:
         seq_len = task["seq_len"]
-        ids = _random_prompts(batch, seq_len, config.vocab_size).tolist()
-        prompts = [row[seq_len - n:] for row, n in zip(ids, prompt_lengths(batch, seq_len, task["ragged"]))]
-        tokens, segments = left_pad(prompts, seq_len, config.pad_token_id or 0)
+        tokens, segments = padded_prefill_batch(batch, seq_len, task["ragged"], config.vocab_size,
+                                                config.pad_token_id or 0)
         tokens, segments = jnp.asarray(tokens), jnp.asarray(segments)
         run = prefill_fn(bucket_length(seq_len))
         result.update(_measure({"prefill": lambda: jax.block_until_ready(run(params, tokens, segments))},
