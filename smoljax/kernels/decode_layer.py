@@ -11,12 +11,13 @@ fuse each layer into five launches, four of them a matrix-vector product with it
 5. down projection -> residual.
 
 A product's program owns a few output rows (`TILES`) and loads each of its weight rows whole, as the fewest
-power-of-two pieces (576 = 512 + 64): every load is issued up front and the weights stream at HBM speed. Many small
-programs of one warp each beat XLA's matrix-vector fusion on the H100 (`benchmarks/sweep_matvec.py`; the numbers are
-in `benchmarks/NOTES-kernels.md` §20). Rounding follows the XLA path: products accumulate in f32 and are rounded to
-the model dtype where the XLA path rounds (after RMSNorm, each projection, the merge, SwiGLU, each residual add).
-Weights are the serving layout of `smollm2.fuse_projections` ([out, in]), one layer's own buffers
-(`smollm2.unstack_layers`), so no slice of a stacked weight is copied.
+power-of-two pieces (576 = 512 + 64): every load is issued up front, ahead of the input vector the kernel before
+wrote, and the weights stream at HBM speed. Many small programs of one warp each beat XLA's matrix-vector fusion
+on the H100 (`benchmarks/sweep_matvec.py`; the numbers are in `benchmarks/NOTES-kernels.md` §20). Rounding follows
+the XLA path: products accumulate in f32 and are rounded to the model dtype where the XLA path rounds (after
+RMSNorm, each projection, the merge, SwiGLU, each residual add). Weights are the serving layout of
+`smollm2.fuse_projections` ([out, in]), one layer's own buffers (`smollm2.unstack_layers`), so no slice of a stacked
+weight is copied.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ def _rms_normed(x_ref, g_ref, eps: float) -> list[jax.Array]:
             .astype(jnp.float32) for (start, size), x in zip(pieces, xs)]
 
 
-def _rows_times(w_ref, first_row, rows: int, vector: list[jax.Array]) -> jax.Array:
-    """sum_k W[first_row + i, k] * v[k] for i < rows -> f32 [rows]; v given as `_pieces` of W's width."""
-    acc = jnp.zeros((rows,), jnp.float32)
-    for (start, size), piece in zip(_pieces(w_ref.shape[-1]), vector):
-        acc += jnp.sum(_f32(w_ref, pl.ds(first_row, rows), pl.ds(start, size)) * piece[None, :], axis=1)
-    return acc
+def _load_rows(w_ref, first_row, rows: int) -> list[jax.Array]:
+    """W[first_row:first_row + rows] as `_pieces` of its width, in the weights' dtype."""
+    return [w_ref[pl.ds(first_row, rows), pl.ds(start, size)] for start, size in _pieces(w_ref.shape[-1])]
+
+
+def _times(weight_pieces: list[jax.Array], vector: list[jax.Array]) -> jax.Array:
+    """sum_k W[i, k] * v[k] -> f32 [rows], W and v both given as the same `_pieces`."""
+    return sum(jnp.sum(w.astype(jnp.float32) * piece[None, :], axis=1) for w, piece in zip(weight_pieces, vector))
 
 
 def _plus_residual(x_ref, first_row, rows: int, product: jax.Array, dtype) -> jax.Array:
@@ -74,7 +77,8 @@ def _plus_residual(x_ref, first_row, rows: int, product: jax.Array, dtype) -> ja
 
 def _norm_qkv_kernel(x_ref, g_ref, w_ref, out_ref, *, eps: float, rows: int):
     first_row = pl.program_id(0) * rows
-    out_ref[...] = _rows_times(w_ref, first_row, rows, _rms_normed(x_ref, g_ref, eps)).astype(out_ref.dtype)
+    weights = _load_rows(w_ref, first_row, rows)
+    out_ref[...] = _times(weights, _rms_normed(x_ref, g_ref, eps)).astype(out_ref.dtype)
 
 
 def _merged_heads(acc_ref, m_ref, l_ref, first_head: int, heads: int, dtype) -> jax.Array:
@@ -92,26 +96,29 @@ def _merged_heads(acc_ref, m_ref, l_ref, first_head: int, heads: int, dtype) -> 
 def _merge_o_kernel(acc_ref, m_ref, l_ref, w_ref, x_ref, out_ref, *, rows: int):
     # w_ref: o_proj [hidden, Hq, D]; the heads go in power-of-two pieces (9 = 8 + 1).
     first_row = pl.program_id(0) * rows
+    head_pieces = _pieces(w_ref.shape[1])
+    weights = [w_ref[pl.ds(first_row, rows), pl.ds(first_head, heads), :] for first_head, heads in head_pieces]
     product = jnp.zeros((rows,), jnp.float32)
-    for first_head, heads in _pieces(w_ref.shape[1]):
+    for w, (first_head, heads) in zip(weights, head_pieces):
         attn = _merged_heads(acc_ref, m_ref, l_ref, first_head, heads, x_ref.dtype)
-        w = _f32(w_ref, pl.ds(first_row, rows), pl.ds(first_head, heads), slice(None))
-        product += jnp.sum(jnp.sum(w * attn[None], axis=2), axis=1)
+        product += jnp.sum(jnp.sum(w.astype(jnp.float32) * attn[None], axis=2), axis=1)
     out_ref[...] = _plus_residual(x_ref, first_row, rows, product, x_ref.dtype)
 
 
 def _norm_gate_up_kernel(x_ref, g_ref, w_ref, out_ref, *, eps: float, rows: int):
     first_row, mlp, dtype = pl.program_id(0) * rows, w_ref.shape[0] // 2, x_ref.dtype
+    gate_weights, up_weights = _load_rows(w_ref, first_row, rows), _load_rows(w_ref, mlp + first_row, rows)
     normed = _rms_normed(x_ref, g_ref, eps)
-    gate = _rows_times(w_ref, first_row, rows, normed).astype(dtype).astype(jnp.float32)
-    up = _rows_times(w_ref, mlp + first_row, rows, normed).astype(dtype).astype(jnp.float32)
+    gate = _times(gate_weights, normed).astype(dtype).astype(jnp.float32)
+    up = _times(up_weights, normed).astype(dtype).astype(jnp.float32)
     out_ref[...] = (jax.nn.silu(gate).astype(dtype).astype(jnp.float32) * up).astype(dtype)
 
 
 def _down_kernel(h_ref, w_ref, x_ref, out_ref, *, rows: int):
     first_row = pl.program_id(0) * rows
+    weights = _load_rows(w_ref, first_row, rows)
     h = [_f32(h_ref, pl.ds(start, size)) for start, size in _pieces(h_ref.shape[0])]
-    out_ref[...] = _plus_residual(x_ref, first_row, rows, _rows_times(w_ref, first_row, rows, h), x_ref.dtype)
+    out_ref[...] = _plus_residual(x_ref, first_row, rows, _times(weights, h), x_ref.dtype)
 
 
 def supported(config: LlamaConfig) -> bool:
