@@ -1,5 +1,6 @@
 """The Pallas GPU kernels (flash attention, decode attention) against the XLA reference, run in the Pallas
-interpreter on the CPU; `tests/test_gpu.py` runs the same comparisons natively on a GPU.
+interpreter on the CPU; `tests/test_gpu.py` runs the same comparisons natively on a GPU, and this module passes on a
+GPU too (the fused decode layers then run natively).
 
 Small tiles (16) make short sequences span several tiles, so the causal bounds, tile tails, the split-K merge and the
 skipped blocks are all exercised at sizes the interpreter runs quickly.
@@ -30,6 +31,14 @@ SMALL = FlashBlocks(block_q=16, block_k=16, dkv_block_q=16, dkv_block_k=16, dq_b
 # Unequal backward tiles: the dK/dV kernel steps over queries in blocks smaller than its keys, dQ the other way.
 UNEVEN = FlashBlocks(block_q=16, block_k=16, dkv_block_q=8, dkv_block_k=32, dq_block_q=32, dq_block_k=8)
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def full_f32_products():
+    """f32 products at full precision on every backend: on a GPU, where this module also runs natively, XLA would
+    otherwise multiply f32 as TF32, kernels and references alike, far outside the f32 tolerances."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def _random(shape, dtype, seed):
@@ -483,7 +492,8 @@ def test_dispatch_picks_by_backend_dtype_and_kind(monkeypatch):
     assert attention_kind(7, False, True, None) == "bidirectional"
     assert attention_kind(7, True, False, None) == "causal"
     assert attention_kind(7, True, True, None) == "packed"
-    assert resolve_implementation("auto", jnp.bfloat16, "decode") == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert resolve_implementation("auto", jnp.bfloat16, "decode") == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert {kind: resolve_implementation("auto", jnp.bfloat16, kind) for kind in KINDS} == GPU_AUTO
     assert resolve_implementation("auto", jnp.float32, "packed") == "xla"
