@@ -472,11 +472,9 @@ def test_fused_decode_layers_match_the_xla_step(config, dtype, slots, live):
     serving = smollm2.unstack_layers(smollm2.fuse_projections(params))
     cache = _half_full_cache(config, slots, live, dtype, seed=4)
     token, position = jnp.asarray([[41]]), jnp.asarray([[live - 3]])
-    with jax.default_matmul_precision("highest"):  # on a GPU, f32 products would otherwise run as TF32
-        fused_logits, fused_cache = smollm2.fused_decode_forward(serving, token, cache, config, positions=position)
-        xla_logits, xla_cache = smollm2.forward_with_cache(serving, token, cache, config, positions=position,
-                                                           segment_ids=jnp.ones_like(token), attn_impl="xla",
-                                                           unroll=True)
+    fused_logits, fused_cache = smollm2.fused_decode_forward(serving, token, cache, config, positions=position)
+    xla_logits, xla_cache = smollm2.forward_with_cache(serving, token, cache, config, positions=position,
+                                                       segment_ids=jnp.ones_like(token), attn_impl="xla", unroll=True)
     tolerance = {jnp.float32: 1e-5, jnp.bfloat16: 0.03}[dtype]
     np.testing.assert_allclose(fused_logits, xla_logits, atol=tolerance, rtol=tolerance)
     for fused_rows, xla_rows in zip(fused_cache.k + fused_cache.v, xla_cache.k + xla_cache.v):
