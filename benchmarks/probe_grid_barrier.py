@@ -24,7 +24,7 @@ def grid_barrier(counter_ref, target):
     plgpu.debug_barrier()
 
 
-def _kernel(counter_in, work_ref, counter_ref, out_ref, *, iters: int, grid: int):
+def _kernel(counter_in, counter_ref, out_ref, *, iters: int, grid: int):
     del counter_in
     pid = pl.program_id(0)
 
@@ -36,21 +36,21 @@ def _kernel(counter_in, work_ref, counter_ref, out_ref, *, iters: int, grid: int
     out_ref[pid] = jnp.int32(1)
     total = jax.lax.fori_loop(0, iters, step, jnp.int32(0))
     grid_barrier(counter_ref, (iters + 1) * grid)
-    out_ref[pid] = total + work_ref[pid]
+    out_ref[pid] = total
 
 
 @functools.partial(jax.jit, static_argnames=("iters", "grid", "warps"))
-def run(work, *, iters: int, grid: int, warps: int):
+def run(*, iters: int, grid: int, warps: int):
     counter = jnp.zeros((1,), jnp.int32)
     return pl.pallas_call(
         functools.partial(_kernel, iters=iters, grid=grid),
         grid=(grid,),
-        in_specs=[pl.BlockSpec((1,), lambda i: (0,)), pl.BlockSpec((grid,), lambda i: (0,))],
+        in_specs=[pl.BlockSpec((1,), lambda i: (0,))],
         out_specs=[pl.BlockSpec((1,), lambda i: (0,)), pl.BlockSpec((grid,), lambda i: (0,))],
         out_shape=[jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((grid,), jnp.int32)],
         input_output_aliases={0: 0},
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
-    )(counter, work)
+    )(counter)
 
 
 def seconds(fn, repeats: int = 20) -> float:
@@ -69,11 +69,10 @@ def main() -> None:
     sms = jax.devices()[0].core_count
     print(f"{jax.devices()[0].device_kind}: {sms} SMs")
     for grid, warps in ((sms, 1), (sms, 4), (2 * sms, 1), (2 * sms, 4), (64, 4)):
-        work = jnp.zeros((grid,), jnp.int32)
-        counter, out = run(work, iters=args.iters, grid=grid, warps=warps)
+        counter, out = run(iters=args.iters, grid=grid, warps=warps)
         ok = int(counter[0]) == (args.iters + 1) * grid and bool(jnp.all(out == args.iters))
-        base = seconds(lambda: run(work, iters=0, grid=grid, warps=warps))
-        full = seconds(lambda: run(work, iters=args.iters, grid=grid, warps=warps))
+        base = seconds(lambda: run(iters=0, grid=grid, warps=warps))
+        full = seconds(lambda: run(iters=args.iters, grid=grid, warps=warps))
         print(f"grid {grid:4d} warps {warps}: {1e6 * (full - base) / args.iters:6.2f} us a barrier "
               f"(call with none {1e6 * base:6.1f} us), counts and visibility {'ok' if ok else 'WRONG'}", flush=True)
 
